@@ -1,0 +1,197 @@
+//! Events from plugins to connections, without touching sockets.
+
+use crate::{ConnId, Retired, ScopeLife};
+use once_cell::sync::OnceCell;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+/// One event, serialized once, ready to be framed per connection (the host
+/// adds `seq`).
+#[derive(Debug, Clone)]
+pub struct OutboundEvent {
+    /// Event name, e.g. `plugin.bncr.push`.
+    pub name: Arc<str>,
+    /// Payload JSON.
+    pub payload: Arc<RawValue>,
+}
+
+/// Delivers events to connections. Implemented by the host (ws-proxy); it
+/// lives for the process, not for a generation.
+pub trait EventTransport: Send + Sync + 'static {
+    /// Queue `event` for one connection. `false` when the connection is gone
+    /// or its queue refused the event.
+    fn send_to(&self, conn: ConnId, event: &OutboundEvent) -> bool;
+
+    /// Queue `event` for every operator connection holding `required_scope`.
+    /// Returns how many connections it was queued for.
+    fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize;
+}
+
+/// A transport that delivers nowhere; for tests and headless embedding.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullTransport;
+
+impl EventTransport for NullTransport {
+    fn send_to(&self, _conn: ConnId, _event: &OutboundEvent) -> bool {
+        false
+    }
+    fn broadcast(&self, _required_scope: &str, _event: &OutboundEvent) -> usize {
+        0
+    }
+}
+
+/// Why an event was not sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventError {
+    /// The sink's generation has retired.
+    Retired(Retired),
+    /// The plugin did not declare this event in `register`, so it is not
+    /// advertised and may not be emitted.
+    Undeclared(String),
+    /// The payload could not be serialized.
+    Payload(String),
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::Retired(r) => write!(f, "event sink refused: {r}"),
+            EventError::Undeclared(n) => write!(f, "event `{n}` was not declared"),
+            EventError::Payload(e) => write!(f, "event payload: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// A plugin's outlet for events, bound to its generation: it refuses once the
+/// generation retires and only emits events the plugin declared.
+#[derive(Clone)]
+pub struct EventSink {
+    plugin_id: Arc<str>,
+    life: ScopeLife,
+    transport: Arc<dyn EventTransport>,
+    declared: Arc<OnceCell<HashSet<String>>>,
+}
+
+impl fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSink")
+            .field("plugin_id", &self.plugin_id)
+            .field("generation", &self.life.generation())
+            .finish()
+    }
+}
+
+impl EventSink {
+    /// A sink for `plugin_id` in `life`'s generation. Called by the host.
+    pub fn new(plugin_id: &str, life: ScopeLife, transport: Arc<dyn EventTransport>) -> Self {
+        EventSink {
+            plugin_id: plugin_id.into(),
+            life,
+            transport,
+            declared: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Fix the set of events this sink may emit: what the plugin declared in
+    /// `register`. Called by the host once; later calls are ignored.
+    pub fn set_declared(&self, events: impl IntoIterator<Item = String>) {
+        let _ = self.declared.set(events.into_iter().collect());
+    }
+
+    fn prepare(&self, event: &str, payload: &impl Serialize) -> Result<OutboundEvent, EventError> {
+        self.life.check().map_err(EventError::Retired)?;
+        let declared = self.declared.get().is_some_and(|d| d.contains(event));
+        if !declared {
+            return Err(EventError::Undeclared(event.to_string()));
+        }
+        let payload =
+            serde_json::value::to_raw_value(payload).map_err(|e| EventError::Payload(e.to_string()))?;
+        Ok(OutboundEvent {
+            name: event.into(),
+            payload: payload.into(),
+        })
+    }
+
+    /// Send `event` to each of `conns`; returns how many accepted it.
+    pub fn send(
+        &self,
+        conns: &[ConnId],
+        event: &str,
+        payload: &impl Serialize,
+    ) -> Result<usize, EventError> {
+        let ev = self.prepare(event, payload)?;
+        Ok(conns
+            .iter()
+            .filter(|c| self.transport.send_to(**c, &ev))
+            .count())
+    }
+
+    /// Send `event` to every operator holding `required_scope`; returns how
+    /// many connections it was queued for.
+    pub fn broadcast(
+        &self,
+        required_scope: &str,
+        event: &str,
+        payload: &impl Serialize,
+    ) -> Result<usize, EventError> {
+        let ev = self.prepare(event, payload)?;
+        Ok(self.transport.broadcast(required_scope, &ev))
+    }
+
+    /// The plugin this sink belongs to.
+    pub fn plugin_id(&self) -> &str {
+        &self.plugin_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, String, String)>>);
+    impl EventTransport for Recorder {
+        fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
+            self.0
+                .lock()
+                .unwrap()
+                .push((conn.0, ev.name.to_string(), ev.payload.get().to_string()));
+            true
+        }
+        fn broadcast(&self, _s: &str, ev: &OutboundEvent) -> usize {
+            self.send_to(ConnId(0), ev);
+            1
+        }
+    }
+
+    #[test]
+    fn sink_sends_declared_events_and_refuses_after_retire() {
+        let (life, ctl) = ScopeLife::new(2);
+        let rec = Arc::new(Recorder::default());
+        let sink = EventSink::new("demo", life, rec.clone());
+        sink.set_declared(["plugin.demo.ping".to_string()]);
+        assert_eq!(
+            sink.send(&[ConnId(5), ConnId(6)], "plugin.demo.ping", &serde_json::json!({"n":1}))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            sink.send(&[ConnId(5)], "plugin.demo.other", &1),
+            Err(EventError::Undeclared("plugin.demo.other".into()))
+        );
+        ctl.retire();
+        assert!(matches!(
+            sink.broadcast("operator.read", "plugin.demo.ping", &1),
+            Err(EventError::Retired(_))
+        ));
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], (5, "plugin.demo.ping".into(), r#"{"n":1}"#.into()));
+    }
+}
