@@ -1,1 +1,205 @@
-fn main() {}
+//! Project automation in Rust (matklad's xtask pattern): `cargo xtask ci`,
+//! an OpenClaw-protocol load generator, an echo baseline server and a
+//! restart soak against the ws-proxy binary.
+#![allow(clippy::print_stdout)]
+
+mod ci;
+mod client;
+mod echo;
+mod load;
+mod process;
+mod soak;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::Credentials;
+
+/// `cargo xtask <command>`.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The tasks.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything CI checks: fmt, clippy, tests, benches build, docs, soak.
+    Ci,
+    /// Load generator for any OpenClaw protocol v4 server on loopback.
+    Load(LoadArgs),
+    /// Bare WebSocket server answering every request: the throughput ceiling.
+    EchoBaseline(EchoArgs),
+    /// Restart soak: ws-proxy under load while SIGUSR1 fires on a schedule.
+    Soak(SoakArgs),
+}
+
+/// Auth and scopes presented in `connect`.
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// Shared token (`auth.token`).
+    #[arg(long)]
+    token: Option<String>,
+    /// Shared password (`auth.password`).
+    #[arg(long)]
+    password: Option<String>,
+    /// Scopes to ask for.
+    #[arg(long, value_delimiter = ',', default_value = "operator.admin")]
+    scopes: Vec<String>,
+}
+
+impl AuthArgs {
+    fn credentials(&self) -> Credentials {
+        Credentials {
+            token: self.token.clone(),
+            password: self.password.clone(),
+            scopes: self.scopes.clone(),
+        }
+    }
+}
+
+/// Flags of `load`.
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Server URL, loopback only.
+    #[arg(long)]
+    url: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Method to call.
+    #[arg(long, default_value = "health")]
+    method: String,
+    /// Params as JSON (omitted when not given).
+    #[arg(long)]
+    params: Option<String>,
+    /// Connections.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    inflight: usize,
+    /// Length of the load window, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags of `echo-baseline`.
+#[derive(Debug, Args)]
+struct EchoArgs {
+    /// Loopback port.
+    #[arg(long)]
+    port: u16,
+    /// Token `connect` must carry.
+    #[arg(long)]
+    token: Option<String>,
+    /// Stop after this long instead of at Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+}
+
+/// Flags of `soak`.
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// Length of the load window.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Interval between single SIGUSR1 restarts.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    restart_every: Duration,
+    /// Connections.
+    #[arg(long, default_value_t = 256)]
+    conns: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Build and run the release binary.
+    #[arg(long)]
+    release: bool,
+    /// Run this ws-proxy binary instead of building one.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Ci => ci::run(),
+        Command::Load(args) => runtime()?.block_on(run_load(args)),
+        Command::EchoBaseline(args) => {
+            let config = echo::EchoConfig {
+                port: args.port,
+                token: args.token,
+                duration: args.duration,
+            };
+            runtime()?.block_on(echo::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Soak(args) => Ok(if soak::run(&soak_config(args))? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
+    }
+}
+
+/// The multi-thread runtime the network tasks run on.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("build tokio runtime")
+}
+
+async fn run_load(args: LoadArgs) -> Result<ExitCode> {
+    let params = args
+        .params
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .context("--params is not JSON")?;
+    let config = load::LoadConfig {
+        url: args.url,
+        creds: args.auth.credentials(),
+        method: args.method,
+        params,
+        conns: args.conns,
+        inflight: args.inflight,
+        duration: args.duration,
+    };
+    let report = load::run(&config).await?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        report.print();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn soak_config(args: SoakArgs) -> soak::SoakConfig {
+    soak::SoakConfig {
+        duration: args.duration,
+        restart_every: args.restart_every,
+        conns: args.conns,
+        inflight: args.inflight,
+        release: args.release,
+        binary: args.binary,
+    }
+}

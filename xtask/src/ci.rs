@@ -1,0 +1,114 @@
+//! `cargo xtask ci`: the one command CI runs. Each step prints a header and
+//! its duration; the first failure stops the run with a non-zero exit.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::cargo;
+use crate::soak::SoakConfig;
+
+/// How long the CI soak drives load and restarts.
+const CI_SOAK_DURATION: Duration = Duration::from_secs(10);
+
+/// One CI step.
+#[derive(Debug)]
+enum Step {
+    /// A cargo invocation: arguments and extra environment.
+    Cargo(
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    ),
+    /// The restart soak against the debug ws-proxy binary.
+    Soak,
+}
+
+/// The steps in order, with their names.
+const STEPS: &[(&str, Step)] = &[
+    ("fmt", Step::Cargo(&["fmt", "--all", "--", "--check"], &[])),
+    (
+        "clippy",
+        Step::Cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        ),
+    ),
+    ("test", Step::Cargo(&["test", "--workspace"], &[])),
+    (
+        "bench build",
+        Step::Cargo(&["bench", "--workspace", "--no-run"], &[]),
+    ),
+    (
+        "doc",
+        Step::Cargo(
+            &["doc", "--workspace", "--no-deps"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        ),
+    ),
+    ("soak", Step::Soak),
+];
+
+/// Runs every step, stopping at the first failure.
+pub(crate) fn run() -> Result<ExitCode> {
+    let started = Instant::now();
+    for (index, (name, step)) in STEPS.iter().enumerate() {
+        println!("\n==> [{}/{}] {name}", index + 1, STEPS.len());
+        let step_started = Instant::now();
+        let outcome = run_step(step);
+        let took = step_started.elapsed().as_secs_f64();
+        if let Err(err) = outcome {
+            println!("<== {name} FAILED after {took:.1}s: {err:#}");
+            println!(
+                "xtask ci: FAILED at step {name} after {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("<== {name} ok in {took:.1}s");
+    }
+    println!(
+        "xtask ci: all {} steps passed in {:.1}s",
+        STEPS.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_step(step: &Step) -> Result<()> {
+    match step {
+        Step::Cargo(args, envs) => {
+            let mut command = cargo();
+            command.args(*args).envs(envs.iter().copied());
+            run_command(&mut command)
+        }
+        Step::Soak => {
+            let config = SoakConfig {
+                duration: CI_SOAK_DURATION,
+                ..SoakConfig::default()
+            };
+            if !crate::soak::run(&config)? {
+                bail!("soak found violations");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs a command with inherited output; an error unless it exits 0.
+fn run_command(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("spawn {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} exited with {status}");
+    }
+    Ok(())
+}
