@@ -1,1 +1,294 @@
-//! placeholder
+//! The Bncr chat bridge as a gateway plugin.
+//!
+//! Bncr clients connect over the gateway WebSocket and speak the `bncr.*`
+//! methods; operators see accepted inbound messages as `chat.inbound` and
+//! answer through the core `send` method, which reaches this plugin's
+//! `bncr` channel. Everything that must survive a restart (outbox, dead
+//! letters, inbound journal and dedupe keys, leases, idempotency keys) lives
+//! in SQLite at `<state_dir>/bncr/bncr.sqlite3`; files live under
+//! `<state_dir>/bncr/files/`.
+//!
+//! All state belongs to one generation: the plugin instance owns a bridge
+//! whose store sits in a [`plugin_api::ScopeHandle`], and whose drain loop is
+//! spawned with [`plugin_api::ScopeLife::spawn`]. Nothing is process-global.
+//!
+//! Outbound targets are `Bncr:<platform>:<groupId>:<userId>`; the `Bncr:`
+//! prefix is optional (any case) and `userId` keeps further colons. The
+//! account is the message object's `accountId`, else the account that last
+//! received a message from that route, else `Primary`.
+
+mod bridge;
+mod config;
+mod files;
+mod params;
+mod store;
+
+pub use config::{Config, EchoConfig, Policy, schema as config_schema};
+
+use bridge::{Bridge, MESSAGE_TYPES, Route};
+use plugin_api::{
+    BoxFuture, Channel, OutboundMessage, Params, Plugin, PluginContext, PluginError, PluginFactory,
+    Registrar, RequestContext, RpcError, SendReceipt, Service, Value, scope,
+};
+use serde::Deserialize;
+use std::future::Future;
+use std::sync::Arc;
+
+/// The plugin id.
+pub const PLUGIN_ID: &str = "bncr";
+
+/// Every method the plugin declares, in declaration order.
+pub const METHODS: &[&str] = &[
+    "bncr.connect",
+    "bncr.inbound",
+    "bncr.activity",
+    "bncr.ack",
+    "bncr.diagnostics",
+    "bncr.file.init",
+    "bncr.file.chunk",
+    "bncr.file.complete",
+    "bncr.file.abort",
+    "bncr.file.ack",
+    "bncr.deadLetter.inspect",
+    "bncr.deadLetter.prune",
+];
+
+/// Every event the plugin declares.
+pub const EVENTS: &[&str] = &[
+    "plugin.bncr.push",
+    "plugin.bncr.file.init",
+    "plugin.bncr.file.chunk",
+    "plugin.bncr.file.complete",
+    "plugin.bncr.file.abort",
+    "chat.inbound",
+];
+
+/// The factory the host registers: id `bncr`, enabled by default, with the
+/// config schema of [`config_schema`].
+pub fn factory() -> PluginFactory {
+    PluginFactory::new(
+        PLUGIN_ID,
+        env!("CARGO_PKG_VERSION"),
+        |ctx: PluginContext| {
+            let plugin = BncrPlugin::new(ctx)?;
+            Ok(Arc::new(plugin) as Arc<dyn Plugin>)
+        },
+    )
+    .with_name("Bncr bridge")
+    .with_schema(config::schema())
+}
+
+/// One generation's plugin instance.
+#[derive(Debug)]
+struct BncrPlugin {
+    bridge: Arc<Bridge>,
+}
+
+impl BncrPlugin {
+    fn new(ctx: PluginContext) -> Result<Self, PluginError> {
+        let cfg = Config::from_value(&ctx.config)
+            .map_err(|e| PluginError::new(format!("bncr config: {e}")))?;
+        let root = ctx.state_dir.join("bncr");
+        Ok(BncrPlugin {
+            bridge: Arc::new(Bridge::new(
+                cfg,
+                root,
+                ctx.events,
+                ctx.life,
+                env!("CARGO_PKG_VERSION"),
+            )),
+        })
+    }
+}
+
+fn declare<P, F, Fut>(r: &mut Registrar, name: &str, bridge: &Arc<Bridge>, f: F)
+where
+    P: for<'de> Deserialize<'de> + Send + 'static,
+    F: Fn(Arc<Bridge>, RequestContext, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, RpcError>> + Send + 'static,
+{
+    let b = bridge.clone();
+    let f = Arc::new(f);
+    r.method(name)
+        .scope(scope::WRITE)
+        .handler(move |ctx, params: Params| {
+            let (b, f) = (b.clone(), f.clone());
+            async move { f(b, ctx, params.parse::<P>()?).await }
+        });
+}
+
+fn declare_sync<P, F>(r: &mut Registrar, name: &str, bridge: &Arc<Bridge>, f: F)
+where
+    P: for<'de> Deserialize<'de> + Send + 'static,
+    F: Fn(&Bridge, &RequestContext, P) -> Result<Value, RpcError> + Send + Sync + 'static,
+{
+    let b = bridge.clone();
+    r.method(name)
+        .scope(scope::WRITE)
+        .sync(move |ctx, params: Params| f(&b, ctx, params.parse::<P>()?));
+}
+
+impl Plugin for BncrPlugin {
+    fn id(&self) -> &str {
+        PLUGIN_ID
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn register(&self, r: &mut Registrar) {
+        let b = &self.bridge;
+        declare(r, "bncr.connect", b, |b, ctx, p| async move {
+            b.connect(&ctx, p).await
+        });
+        declare(r, "bncr.inbound", b, |b, ctx, p| async move {
+            b.inbound(&ctx, p).await
+        });
+        declare_sync(r, "bncr.activity", b, |b, ctx, p| b.activity(ctx, p));
+        declare(r, "bncr.ack", b, |b, _ctx, p| async move { b.ack(p).await });
+        declare_sync(r, "bncr.diagnostics", b, |b, _ctx, p| b.diagnostics(p));
+        declare(r, "bncr.file.init", b, |b, _ctx, p| async move {
+            b.file_init(p).await
+        });
+        declare(r, "bncr.file.chunk", b, |b, _ctx, p| async move {
+            b.file_chunk(p).await
+        });
+        declare(r, "bncr.file.complete", b, |b, _ctx, p| async move {
+            b.file_complete(p).await
+        });
+        declare(r, "bncr.file.abort", b, |b, _ctx, p| async move {
+            b.file_abort(p).await
+        });
+        declare_sync(r, "bncr.file.ack", b, |b, _ctx, p| b.file_ack(p));
+        declare(r, "bncr.deadLetter.inspect", b, |b, _ctx, p| async move {
+            b.dead_inspect(p).await
+        });
+        declare(r, "bncr.deadLetter.prune", b, |b, _ctx, p| async move {
+            b.dead_prune(p).await
+        });
+        for e in EVENTS {
+            r.event(*e);
+        }
+        r.service(Arc::new(StoreService { bridge: b.clone() }));
+        r.channel(PLUGIN_ID, Arc::new(BncrChannel { bridge: b.clone() }));
+        let hook = b.clone();
+        r.on_connection_closed(move |conn| hook.connection_closed(conn));
+    }
+}
+
+/// `bncr-store`: opens the store, restores state and runs the drain loop.
+#[derive(Debug)]
+struct StoreService {
+    bridge: Arc<Bridge>,
+}
+
+impl Service for StoreService {
+    fn name(&self) -> &str {
+        "bncr-store"
+    }
+
+    fn start(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
+        Box::pin(async move { self.bridge.start().await })
+    }
+
+    fn stop(self: Arc<Self>) -> BoxFuture<()> {
+        Box::pin(async move { self.bridge.stop().await })
+    }
+}
+
+/// The `bncr` channel behind the core `send` method.
+#[derive(Debug)]
+struct BncrChannel {
+    bridge: Arc<Bridge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OutgoingObject {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    msg: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    base64: Option<String>,
+    #[serde(default)]
+    file_name: Option<String>,
+    #[serde(default)]
+    mime_type: Option<String>,
+    #[serde(default)]
+    account_id: Option<String>,
+}
+
+impl Channel for BncrChannel {
+    fn send(
+        self: Arc<Self>,
+        _ctx: RequestContext,
+        m: OutboundMessage,
+    ) -> BoxFuture<Result<SendReceipt, RpcError>> {
+        Box::pin(async move {
+            let route = Route::parse_target(&m.to).ok_or_else(|| {
+                RpcError::invalid_request("to must be Bncr:<platform>:<groupId>:<userId>")
+            })?;
+            if m.idempotency_key.trim().is_empty() {
+                return Err(RpcError::invalid_request("idempotencyKey required"));
+            }
+            let obj: OutgoingObject = match &m.message {
+                Value::String(s) => OutgoingObject {
+                    kind: None,
+                    msg: Some(s.clone()),
+                    path: None,
+                    base64: None,
+                    file_name: None,
+                    mime_type: None,
+                    account_id: None,
+                },
+                v @ Value::Object(_) => {
+                    serde_json::from_value(v.clone()).map_err(RpcError::invalid_params)?
+                }
+                _ => {
+                    return Err(RpcError::invalid_request(
+                        "message must be a string or an object",
+                    ));
+                }
+            };
+            let kind = obj.kind.unwrap_or_else(|| "text".into());
+            if !MESSAGE_TYPES.contains(&kind.as_str()) {
+                return Err(RpcError::invalid_request(format!(
+                    "message.type must be one of {}",
+                    MESSAGE_TYPES.join("|")
+                )));
+            }
+            let empty = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+            if empty(&obj.msg) && empty(&obj.path) && empty(&obj.base64) {
+                return Err(RpcError::invalid_request(
+                    "message needs msg, path or base64",
+                ));
+            }
+            let b = &self.bridge;
+            let account = b
+                .account_for_target(obj.account_id.as_deref(), &route)
+                .await?;
+            let mut payload = serde_json::json!({
+                "platform": route.platform, "groupId": route.group_id, "userId": route.user_id,
+                "type": kind, "msg": obj.msg.unwrap_or_default(),
+            });
+            for (k, v) in [
+                ("path", obj.path),
+                ("base64", obj.base64),
+                ("fileName", obj.file_name),
+                ("mimeType", obj.mime_type),
+            ] {
+                if let Some(v) = v {
+                    payload[k] = Value::String(v);
+                }
+            }
+            let (message_id, _fresh) = b
+                .enqueue(&account, &route, payload, &m.idempotency_key)
+                .await?;
+            Ok(SendReceipt { message_id })
+        })
+    }
+}
