@@ -1,1 +1,42 @@
-//! placeholder
+//! The restart-safe core of the gateway, embeddable as a library.
+//!
+//! A generation of plugins lives in one [`RestartScope`]: its loader cache,
+//! its immutable [`Registry`], its plugin instances, services, tasks and event
+//! sinks. The [`Gateway`] publishes the current scope behind one atomic
+//! pointer; a request reads it once and is answered by that scope alone. A
+//! restart builds a complete new scope from config and manifests read again,
+//! swaps it in, drains and stops the old one, then starts the new one; a
+//! failed build leaves the old scope serving. What the gateway advertises and
+//! what it dispatches come from the same registry, so they cannot differ.
+//!
+//! This crate has no sockets: the host (ws-proxy, or your program) owns
+//! connections and hands requests to [`Gateway::dispatch`].
+
+mod config;
+mod core_plugin;
+pub mod frame;
+mod gateway;
+mod loader;
+mod panic;
+mod registry;
+mod scope;
+
+pub use config::{
+    ConfigError, ConfigOrigin, ConfigSource, GatewayConfig, PluginEntry, PluginsConfig,
+    RestartConfig, StaticConfig, TomlFileConfig, parse_toml, read_toml_file, toml_field_position,
+};
+pub use core_plugin::{CORE_EVENTS, CORE_PLUGIN_ID};
+pub use frame::Features;
+pub use gateway::{
+    Gateway, GatewayOptions, GatewayStats, PluginReport, RestartFailure, RestartOutcome,
+    RestartRecord, RestartReport,
+};
+pub use loader::{
+    BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,
+    ManifestMethod, PluginSource,
+};
+pub use registry::{
+    ADMIN_PREFIXES, CORE_METHODS, ChannelEntry, HANDSHAKE_METHODS, MethodEntry, PluginIndex,
+    Registry, RegistryBuilder, RegistryError,
+};
+pub use scope::{Admitted, PluginPhase, RestartScope, ShutdownReport};

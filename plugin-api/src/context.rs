@@ -257,6 +257,10 @@ mod tests {
         let bad = Params::from_value(&serde_json::json!({"a": "x"}));
         let err = bad.parse::<P>().unwrap_err();
         assert_eq!(err.code, crate::ErrorCode::InvalidRequest);
-        assert!(err.message.starts_with("invalid params:"), "{}", err.message);
+        assert!(
+            err.message.starts_with("invalid params:"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -28,6 +28,11 @@ pub trait EventTransport: Send + Sync + 'static {
     /// Queue `event` for every operator connection holding `required_scope`.
     /// Returns how many connections it was queued for.
     fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize;
+
+    /// How many client connections are open (for `status`).
+    fn connection_count(&self) -> usize {
+        0
+    }
 }
 
 /// A transport that delivers nowhere; for tests and headless embedding.
@@ -109,8 +114,8 @@ impl EventSink {
         if !declared {
             return Err(EventError::Undeclared(event.to_string()));
         }
-        let payload =
-            serde_json::value::to_raw_value(payload).map_err(|e| EventError::Payload(e.to_string()))?;
+        let payload = serde_json::value::to_raw_value(payload)
+            .map_err(|e| EventError::Payload(e.to_string()))?;
         Ok(OutboundEvent {
             name: event.into(),
             payload: payload.into(),
@@ -158,10 +163,11 @@ mod tests {
     struct Recorder(Mutex<Vec<(u64, String, String)>>);
     impl EventTransport for Recorder {
         fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
-            self.0
-                .lock()
-                .unwrap()
-                .push((conn.0, ev.name.to_string(), ev.payload.get().to_string()));
+            self.0.lock().unwrap().push((
+                conn.0,
+                ev.name.to_string(),
+                ev.payload.get().to_string(),
+            ));
             true
         }
         fn broadcast(&self, _s: &str, ev: &OutboundEvent) -> usize {
@@ -177,8 +183,12 @@ mod tests {
         let sink = EventSink::new("demo", life, rec.clone());
         sink.set_declared(["plugin.demo.ping".to_string()]);
         assert_eq!(
-            sink.send(&[ConnId(5), ConnId(6)], "plugin.demo.ping", &serde_json::json!({"n":1}))
-                .unwrap(),
+            sink.send(
+                &[ConnId(5), ConnId(6)],
+                "plugin.demo.ping",
+                &serde_json::json!({"n":1})
+            )
+            .unwrap(),
             2
         );
         assert_eq!(

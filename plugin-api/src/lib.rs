@@ -32,18 +32,20 @@
 mod context;
 mod error;
 mod events;
+mod life;
 mod plugin;
 mod registrar;
-mod life;
 
-pub use context::{ClientInfo, ConnId, ConnectionInfo, Params, RequestContext, Role, Scopes, scope};
+pub use context::{
+    ClientInfo, ConnId, ConnectionInfo, Params, RequestContext, Role, Scopes, scope,
+};
 pub use error::{ErrorCode, PluginError, RpcError};
 pub use events::{EventError, EventSink, EventTransport, NullTransport, OutboundEvent};
+pub use life::{HandleError, LifeController, Retired, ScopeHandle, ScopeLife};
 pub use plugin::{CreateFn, Plugin, PluginContext, PluginFactory};
 pub use registrar::{
     AsyncHandler, BoxFuture, Channel, ConnectionClosedHook, Declarations, Handler, MethodBuilder,
     MethodResult, MethodSpec, OutboundMessage, Registrar, RequiredScope, SendReceipt, Service,
     SyncHandler,
 };
-pub use life::{HandleError, LifeController, Retired, ScopeHandle, ScopeLife};
 pub use serde_json::Value;

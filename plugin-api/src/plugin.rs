@@ -50,7 +50,8 @@ impl PluginContext {
 }
 
 /// Constructs a plugin for a generation.
-pub type CreateFn = Arc<dyn Fn(PluginContext) -> Result<Arc<dyn Plugin>, PluginError> + Send + Sync>;
+pub type CreateFn =
+    Arc<dyn Fn(PluginContext) -> Result<Arc<dyn Plugin>, PluginError> + Send + Sync>;
 
 /// A plugin compiled into the binary: its identity, its config schema and how
 /// to construct it.

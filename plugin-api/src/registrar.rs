@@ -17,7 +17,8 @@ pub type MethodResult = Result<Value, RpcError>;
 pub type SyncHandler = Arc<dyn Fn(&RequestContext, Params) -> MethodResult + Send + Sync>;
 
 /// An asynchronous handler.
-pub type AsyncHandler = Arc<dyn Fn(RequestContext, Params) -> BoxFuture<MethodResult> + Send + Sync>;
+pub type AsyncHandler =
+    Arc<dyn Fn(RequestContext, Params) -> BoxFuture<MethodResult> + Send + Sync>;
 
 /// A method's implementation.
 #[derive(Clone)]
@@ -135,10 +136,19 @@ pub struct Declarations {
 impl fmt::Debug for Declarations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Declarations")
-            .field("methods", &self.methods.iter().map(|m| &m.name).collect::<Vec<_>>())
+            .field(
+                "methods",
+                &self.methods.iter().map(|m| &m.name).collect::<Vec<_>>(),
+            )
             .field("events", &self.events)
-            .field("services", &self.services.iter().map(|s| s.name()).collect::<Vec<_>>())
-            .field("channels", &self.channels.iter().map(|c| &c.0).collect::<Vec<_>>())
+            .field(
+                "services",
+                &self.services.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
+            .field(
+                "channels",
+                &self.channels.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -201,7 +211,10 @@ impl Registrar {
     }
 
     /// Be told when a client connection closes.
-    pub fn on_connection_closed(&mut self, hook: impl Fn(ConnId) + Send + Sync + 'static) -> &mut Self {
+    pub fn on_connection_closed(
+        &mut self,
+        hook: impl Fn(ConnId) + Send + Sync + 'static,
+    ) -> &mut Self {
         self.decl.connection_closed.push(Arc::new(hook));
         self
     }
@@ -295,7 +308,10 @@ mod tests {
         r.event("plugin.demo.e").event("plugin.demo.e");
         let d = r.into_declarations();
         assert_eq!(d.methods.len(), 2);
-        assert_eq!(d.methods[0].scope, RequiredScope::Scope(scope::ADMIN.into()));
+        assert_eq!(
+            d.methods[0].scope,
+            RequiredScope::Scope(scope::ADMIN.into())
+        );
         assert!(d.methods[0].advertise && !d.methods[0].node_only);
         assert_eq!(d.methods[1].scope.as_str(), Some(scope::READ));
         assert!(!d.methods[1].advertise && d.methods[1].node_only);

@@ -1,0 +1,405 @@
+//! Gateway configuration: which plugins run, their settings, restart timings.
+//!
+//! Read again on every restart through a [`ConfigSource`]. Errors name the
+//! file, the line and the field.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Everything gateway-core reads from configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Plugin selection and settings.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Restart timings.
+    #[serde(default)]
+    pub restart: RestartConfig,
+    /// Where this config was read from, for error messages.
+    #[serde(skip)]
+    pub origin: Option<ConfigOrigin>,
+}
+
+/// The file a config came from and its text, to point errors at lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigOrigin {
+    /// The file.
+    pub path: PathBuf,
+    /// Its text as read.
+    pub text: Arc<str>,
+}
+
+/// `[plugins]`: directories to load from and per-plugin entries.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Directories holding plugins described by `openclaw.plugin.json`
+    /// manifests (the directory itself or its subdirectories).
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// `[plugins.entries.<id>]`: enable, disable and configure plugins.
+    #[serde(default)]
+    pub entries: BTreeMap<String, PluginEntry>,
+}
+
+/// `[plugins.entries.<id>]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// Overrides the plugin's default.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The plugin's settings, validated against its config schema.
+    #[serde(default)]
+    pub config: Option<Value>,
+}
+
+/// `[restart]`: timings of the swap.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// How long the old generation may finish in-flight requests.
+    pub drain_timeout_ms: u64,
+    /// Per service, how long `stop` may take.
+    pub service_stop_timeout_ms: u64,
+    /// Per service, how long `start` may take.
+    pub service_start_timeout_ms: u64,
+    /// How long a request waits for its plugin to start.
+    pub start_wait_ms: u64,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            drain_timeout_ms: 5_000,
+            service_stop_timeout_ms: 5_000,
+            service_start_timeout_ms: 10_000,
+            start_wait_ms: 5_000,
+        }
+    }
+}
+
+impl RestartConfig {
+    /// Drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+    /// Service stop timeout.
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.service_stop_timeout_ms)
+    }
+    /// Service start timeout.
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.service_start_timeout_ms)
+    }
+    /// Bounded wait for a plugin to start.
+    pub fn start_wait(&self) -> Duration {
+        Duration::from_millis(self.start_wait_ms)
+    }
+}
+
+/// A configuration problem, pointing at the file, line and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, when the config came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// Dotted path of the field, when known (e.g. `plugins.entries.bncr.config.dmPolicy`).
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error with only a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            line: None,
+            column: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// Point the error at `field` of `origin`, finding its line when the
+    /// origin's text is TOML.
+    pub fn at_field(
+        origin: Option<&ConfigOrigin>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        let mut e = ConfigError::new(message);
+        e.field = Some(field.to_string());
+        if let Some(o) = origin {
+            e.file = Some(o.path.clone());
+            if let Some((line, col)) = toml_field_position(&o.text, field) {
+                e.line = Some(line);
+                e.column = Some(col);
+            }
+        }
+        e
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("config error")?;
+        if let Some(file) = &self.file {
+            write!(f, " in {}", file.display())?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+                if let Some(col) = self.column {
+                    write!(f, ":{col}")?;
+                }
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the gateway reads its configuration from, again at every restart.
+pub trait ConfigSource: Send + Sync + 'static {
+    /// Read and parse the configuration now.
+    fn load(&self) -> Result<GatewayConfig, ConfigError>;
+}
+
+/// A config held in memory; embedding programs and tests replace it between
+/// restarts with [`StaticConfig::set`].
+#[derive(Debug, Default)]
+pub struct StaticConfig(Mutex<GatewayConfig>);
+
+impl StaticConfig {
+    /// Start with `config`.
+    pub fn new(config: GatewayConfig) -> Self {
+        StaticConfig(Mutex::new(config))
+    }
+    /// Replace the config; takes effect at the next restart.
+    pub fn set(&self, config: GatewayConfig) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+}
+
+impl ConfigSource for StaticConfig {
+    fn load(&self) -> Result<GatewayConfig, ConfigError> {
+        Ok(self.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// A TOML file holding (at least) `[plugins]` and `[restart]` tables, read
+/// again on every load. Other top-level tables are ignored, so the file can be
+/// shared with the server's own settings.
+#[derive(Debug, Clone)]
+pub struct TomlFileConfig {
+    path: PathBuf,
+}
+
+impl TomlFileConfig {
+    /// Read from `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        TomlFileConfig { path: path.into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct GatewaySections {
+    #[serde(default)]
+    plugins: PluginsConfig,
+    #[serde(default)]
+    restart: RestartConfig,
+}
+
+impl ConfigSource for TomlFileConfig {
+    fn load(&self) -> Result<GatewayConfig, ConfigError> {
+        let (sections, origin): (GatewaySections, _) = read_toml_file(&self.path)?;
+        Ok(GatewayConfig {
+            plugins: sections.plugins,
+            restart: sections.restart,
+            origin: Some(origin),
+        })
+    }
+}
+
+/// Read and parse a TOML file into `T`, with errors naming file, line and field.
+pub fn read_toml_file<T: DeserializeOwned>(path: &Path) -> Result<(T, ConfigOrigin), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        ..ConfigError::new(format!("cannot read: {e}"))
+    })?;
+    let origin = ConfigOrigin {
+        path: path.to_path_buf(),
+        text: text.into(),
+    };
+    let value = parse_toml(&origin)?;
+    Ok((value, origin))
+}
+
+/// Parse TOML text into `T`, with errors naming the origin's file, line and field.
+pub fn parse_toml<T: DeserializeOwned>(origin: &ConfigOrigin) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(&origin.text).map_err(|e| toml_error(origin, None, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = (field != ".").then_some(field);
+        toml_error(origin, field, e.inner())
+    })
+}
+
+fn toml_error(origin: &ConfigOrigin, field: Option<String>, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let (l, c) = line_col(&origin.text, span.start);
+            (Some(l), Some(c))
+        }
+        None => field
+            .as_deref()
+            .and_then(|f| toml_field_position(&origin.text, f))
+            .map_or((None, None), |(l, c)| (Some(l), Some(c))),
+    };
+    ConfigError {
+        file: Some(origin.path.clone()),
+        line,
+        column,
+        field,
+        message: e.message().trim().to_string(),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+/// The line and column of the dotted `field` in TOML `text` (the deepest key
+/// of the path that exists), if it parses.
+pub fn toml_field_position(text: &str, field: &str) -> Option<(usize, usize)> {
+    let doc = text.parse::<toml_edit::Document<String>>().ok()?;
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut best: Option<std::ops::Range<usize>> = None;
+    for key in field.split('.').filter(|k| !k.is_empty()) {
+        let next = if let Some(table) = item.as_table_like() {
+            let (k, v) = table.get_key_value(key)?;
+            if let Some(span) = k.span() {
+                best = Some(span);
+            }
+            v
+        } else if let (Some(arr), Ok(i)) = (item.as_array(), key.parse::<usize>()) {
+            let v = arr.get(i)?;
+            if let Some(span) = v.span() {
+                best = Some(span);
+            }
+            return best.map(|s| line_col(text, s.start));
+        } else {
+            break;
+        };
+        item = next;
+    }
+    best.map(|s| line_col(text, s.start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn origin(text: &str) -> ConfigOrigin {
+        ConfigOrigin {
+            path: "gateway.toml".into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn parses_plugins_and_restart_tables() {
+        let text = r#"
+[server]
+port = 1
+
+[plugins]
+dirs = ["./p"]
+
+[plugins.entries.bncr]
+enabled = true
+config = { dmPolicy = "open" }
+
+[restart]
+drain_timeout_ms = 100
+"#;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let cfg = TomlFileConfig::new(f.path()).load().unwrap();
+        assert_eq!(cfg.plugins.dirs, vec![PathBuf::from("./p")]);
+        let e = &cfg.plugins.entries["bncr"];
+        assert_eq!(e.enabled, Some(true));
+        assert_eq!(e.config.as_ref().unwrap()["dmPolicy"], "open");
+        assert_eq!(cfg.restart.drain_timeout_ms, 100);
+        assert_eq!(cfg.restart.start_wait_ms, 5_000);
+    }
+
+    #[test]
+    fn type_errors_name_file_line_and_field() {
+        let text = "[plugins.entries.bncr]\nenabled = \"yes\"\n";
+        let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("plugins.entries.bncr.enabled"));
+        assert_eq!(err.line, Some(2));
+        let shown = err.to_string();
+        assert!(shown.contains("gateway.toml:2"), "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let text = "[plugins]\ndirs = [\"a\"\n\n[restart]\n";
+        let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
+        assert!(err.line.is_some(), "{err}");
+        assert!(err.to_string().starts_with("config error in gateway.toml:"));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let text = "[restart]\ndrain_timeout = 5\n";
+        let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
+        assert!(err.message.contains("unknown field"), "{err}");
+        assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn finds_nested_field_positions() {
+        let text = "[plugins.entries.bncr.config]\ndmPolicy = \"x\"\nretry = { limit = 3 }\n";
+        assert_eq!(
+            toml_field_position(text, "plugins.entries.bncr.config.dmPolicy"),
+            Some((2, 1))
+        );
+        assert_eq!(
+            toml_field_position(text, "plugins.entries.bncr.config.retry.limit"),
+            Some((3, 11))
+        );
+        let e = ConfigError::at_field(
+            Some(&origin(text)),
+            "plugins.entries.bncr.config.dmPolicy",
+            "bad",
+        );
+        assert_eq!(
+            e.to_string(),
+            "config error in gateway.toml:2:1: field `plugins.entries.bncr.config.dmPolicy`: bad"
+        );
+    }
+}

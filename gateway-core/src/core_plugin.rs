@@ -1,0 +1,231 @@
+//! The core plugin present in every generation: `health`, `status`,
+//! `gateway.restart` and `send`.
+
+use crate::gateway::{Gateway, GatewayLink, unix_ms};
+use crate::scope::{PluginPhase, RestartScope, ScopeSlot};
+use plugin_api::{
+    OutboundMessage, Params, Plugin, PluginContext, PluginFactory, Registrar, RequestContext,
+    RpcError, scope,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// The core plugin's id.
+pub const CORE_PLUGIN_ID: &str = "core";
+
+/// Events the host emits itself; advertised through the core plugin.
+pub const CORE_EVENTS: &[&str] = &[
+    "connect.challenge",
+    "gateway.generation",
+    "shutdown",
+    "tick",
+];
+
+pub(crate) fn factory(link: GatewayLink, slot: ScopeSlot) -> PluginFactory {
+    PluginFactory::new(
+        CORE_PLUGIN_ID,
+        env!("CARGO_PKG_VERSION"),
+        move |_ctx: PluginContext| {
+            Ok(Arc::new(CorePlugin {
+                link: link.clone(),
+                slot: slot.clone(),
+            }))
+        },
+    )
+    .with_name("Gateway core")
+}
+
+struct CorePlugin {
+    link: GatewayLink,
+    slot: ScopeSlot,
+}
+
+impl CorePlugin {
+    fn gateway(&self) -> Result<Gateway, RpcError> {
+        self.link
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map(Gateway::from_inner)
+            .ok_or_else(|| RpcError::unavailable("gateway is stopping"))
+    }
+
+    /// The generation this plugin instance belongs to.
+    fn scope(&self) -> Result<Arc<RestartScope>, RpcError> {
+        self.slot
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(RpcError::restarting)
+    }
+}
+
+impl Plugin for CorePlugin {
+    fn id(&self) -> &str {
+        CORE_PLUGIN_ID
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn register(&self, r: &mut Registrar) {
+        for e in CORE_EVENTS {
+            r.event(*e);
+        }
+        let slot = self.slot.clone();
+        r.method("health").no_scope().sync(move |_, _| {
+            let scope = slot
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .ok_or_else(RpcError::restarting)?;
+            Ok(health(&scope))
+        });
+        let me = self.clone_handle();
+        r.method("status").scope(scope::READ).sync(move |_, _| {
+            let (gw, scope) = (me.gateway()?, me.scope()?);
+            Ok(status(&gw, &scope))
+        });
+        let me = self.clone_handle();
+        r.method("gateway.restart")
+            .scope(scope::ADMIN)
+            .handler(move |_, _| {
+                let gw = me.gateway();
+                async move {
+                    match gw?.restart().await {
+                        Ok(rep) => Ok(json!({
+                            "ok": true,
+                            "generation": rep.generation,
+                            "previousGeneration": rep.previous,
+                            "durationMs": rep.duration.as_secs_f64() * 1e3,
+                            "methodsAdded": rep.methods_added,
+                            "methodsRemoved": rep.methods_removed,
+                            "failedPlugins": rep.failed_plugins.iter().map(|(id, e)| json!({"id": id, "error": e})).collect::<Vec<_>>(),
+                        })),
+                        Err(f) => Err(RpcError::unavailable(f.to_string()).with_details(json!({
+                            "code": "RESTART_FAILED",
+                            "generation": f.serving,
+                            "error": f.error,
+                        }))),
+                    }
+                }
+            });
+        let me = self.clone_handle();
+        r.method("send")
+            .scope(scope::WRITE)
+            .handler(move |ctx, params| {
+                let scope = me.scope();
+                async move { send(scope?, ctx, params).await }
+            });
+    }
+}
+
+impl CorePlugin {
+    fn clone_handle(&self) -> Arc<CorePlugin> {
+        Arc::new(CorePlugin {
+            link: self.link.clone(),
+            slot: self.slot.clone(),
+        })
+    }
+}
+
+fn health(scope: &RestartScope) -> Value {
+    let (mut loaded, mut errors, mut unavailable) = (vec![], vec![], vec![]);
+    for (id, phase) in scope.plugin_phases() {
+        match phase {
+            PluginPhase::Running => loaded.push(json!(id)),
+            PluginPhase::Failed(e) => errors.push(json!({"id": id, "error": e})),
+            PluginPhase::Starting | PluginPhase::Stopped => unavailable.push(json!(id)),
+        }
+    }
+    json!({
+        "ok": errors.is_empty(),
+        "ts": unix_ms(),
+        "generation": scope.generation(),
+        "plugins": {"loaded": loaded, "errors": errors, "unavailable": unavailable},
+    })
+}
+
+fn status(gw: &Gateway, scope: &RestartScope) -> Value {
+    let stats = gw.stats();
+    let phases = scope.plugin_phases();
+    let plugins: Vec<Value> = scope
+        .loader()
+        .plugins()
+        .iter()
+        .zip(phases)
+        .map(|(p, (_, phase))| {
+            let (state, error) = match phase {
+                PluginPhase::Starting => ("starting", None),
+                PluginPhase::Running => ("running", None),
+                PluginPhase::Failed(e) => ("failed", Some(e)),
+                PluginPhase::Stopped => ("stopped", None),
+            };
+            json!({
+                "id": p.id, "name": p.name, "version": p.version, "codeHash": p.code_hash,
+                "source": p.source.to_string(), "state": state, "error": error,
+            })
+        })
+        .collect();
+    let last = stats.last_restart.as_ref().map(|r| {
+        json!({"ok": r.ok, "generation": r.generation, "error": r.error, "durationMs": r.duration_ms, "at": r.at_ms})
+    });
+    let features = scope.features();
+    json!({
+        "generation": scope.generation(),
+        "uptimeMs": stats.uptime.as_millis() as u64,
+        "restartCount": stats.restarts_ok,
+        "restartsFailed": stats.restarts_failed,
+        "lastRestart": last,
+        "plugins": plugins,
+        "disabledPlugins": scope.loader().disabled,
+        "methods": &*features.methods,
+        "methodCount": features.methods.len(),
+        "events": &*features.events,
+        "channels": scope.registry().channel_ids(),
+        "connections": gw.transport().connection_count(),
+        "inFlight": stats.in_flight,
+        "liveScopes": stats.live_scopes,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendParams {
+    channel: String,
+    to: String,
+    message: Value,
+    idempotency_key: String,
+}
+
+async fn send(
+    scope: Arc<RestartScope>,
+    ctx: RequestContext,
+    params: Params,
+) -> Result<Value, RpcError> {
+    let p: SendParams = params.parse()?;
+    if p.channel.is_empty() || p.to.is_empty() || p.idempotency_key.is_empty() {
+        return Err(RpcError::invalid_params(
+            "channel, to and idempotencyKey must be non-empty",
+        ));
+    }
+    let Some(entry) = scope.registry().channel(&p.channel) else {
+        return Err(
+            RpcError::invalid_request(format!("unknown channel: {}", p.channel)).with_details(
+                json!({"code": "UNKNOWN_CHANNEL", "channels": scope.registry().channel_ids()}),
+            ),
+        );
+    };
+    scope.ready(entry.owner, &p.channel).await?;
+    let channel = entry.channel.clone();
+    let receipt = channel
+        .send(
+            ctx,
+            OutboundMessage {
+                to: p.to,
+                message: p.message,
+                idempotency_key: p.idempotency_key,
+            },
+        )
+        .await?;
+    Ok(json!({"ok": true, "channel": p.channel, "messageId": receipt.message_id}))
+}

@@ -1,0 +1,571 @@
+//! `RestartScope`: one generation of plugins, and everything that lives and
+//! dies with it.
+
+use crate::config::RestartConfig;
+use crate::frame::Features;
+use crate::loader::{LoadContext, LoaderCache};
+use crate::panic;
+use crate::registry::{MethodEntry, PluginIndex, Registry, RegistryBuilder};
+use crate::{BuildError, Catalog, GatewayConfig};
+use plugin_api::{
+    EventTransport, Handler, LifeController, MethodResult, Params, PluginFactory, Registrar,
+    RequestContext, RequiredScope, Role, RpcError, ScopeLife, Service,
+};
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Where a plugin of a generation stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginPhase {
+    /// Its services have not started yet; requests wait (bounded).
+    Starting,
+    /// Serving.
+    Running,
+    /// A service failed to start; its methods answer `UNAVAILABLE`.
+    Failed(String),
+    /// Its generation has stopped.
+    Stopped,
+}
+
+const PHASE_STARTING: u8 = 0;
+const PHASE_RUNNING: u8 = 1;
+const PHASE_FAILED: u8 = 2;
+const PHASE_STOPPED: u8 = 3;
+
+struct PluginRuntime {
+    fast: AtomicU8,
+    phase: watch::Sender<PluginPhase>,
+    services: Vec<Arc<dyn Service>>,
+}
+
+impl PluginRuntime {
+    fn set(&self, phase: PluginPhase) {
+        let code = match phase {
+            PluginPhase::Starting => PHASE_STARTING,
+            PluginPhase::Running => PHASE_RUNNING,
+            PluginPhase::Failed(_) => PHASE_FAILED,
+            PluginPhase::Stopped => PHASE_STOPPED,
+        };
+        self.fast.store(code, Ordering::Release);
+        self.phase.send_replace(phase);
+    }
+}
+
+/// Counts requests admitted by one generation and closes the door on them.
+struct Admission {
+    open: AtomicBool,
+    inflight: AtomicUsize,
+    empty: Notify,
+}
+
+impl Admission {
+    fn enter(&self) -> bool {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.open.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.leave();
+        false
+    }
+
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && !self.open.load(Ordering::SeqCst) {
+            self.empty.notify_waiters();
+        }
+    }
+
+    async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A request admitted by a generation. While it lives the generation counts
+/// it as in flight; dropping it releases the generation.
+pub struct Admitted {
+    scope: Option<Arc<RestartScope>>,
+    admission: Arc<Admission>,
+}
+
+impl fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admitted")
+            .field("generation", &self.scope().generation)
+            .finish()
+    }
+}
+
+impl Admitted {
+    /// The generation that admitted the request.
+    pub fn scope(&self) -> &Arc<RestartScope> {
+        self.scope.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        // Release the scope before counting the request out, so that once the
+        // drain sees zero in flight no request holds the scope any more.
+        drop(self.scope.take());
+        self.admission.leave();
+    }
+}
+
+/// What happened when a generation shut down.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// In-flight requests had to be cancelled at the drain deadline.
+    pub drain_timed_out: bool,
+    /// How many requests were in flight at the deadline.
+    pub cancelled_requests: usize,
+    /// Services stopped (each exactly once).
+    pub services_stopped: usize,
+    /// Services whose stop failed, panicked or timed out.
+    pub services_failed: Vec<String>,
+    /// Background tasks that had to be aborted.
+    pub aborted_tasks: usize,
+}
+
+/// One generation: its loader cache, registry, plugin instances, services,
+/// background tasks and event sinks. Built complete before it is published;
+/// dropped as a whole after it has drained and stopped.
+pub struct RestartScope {
+    generation: u64,
+    registry: Registry,
+    loader: LoaderCache,
+    plugins: Vec<PluginRuntime>,
+    started_services: Mutex<Vec<(PluginIndex, Arc<dyn Service>)>>,
+    services_stopped: AtomicBool,
+    admission: Arc<Admission>,
+    request_cancel: CancellationToken,
+    life: LifeController,
+    timings: RestartConfig,
+    live_scopes: Arc<AtomicUsize>,
+    built_at: Instant,
+}
+
+impl fmt::Debug for RestartScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestartScope")
+            .field("generation", &self.generation)
+            .field("registry", &self.registry)
+            .finish()
+    }
+}
+
+/// Filled with the scope once it is behind an `Arc`, for the core plugin.
+pub(crate) type ScopeSlot = Arc<OnceLock<Weak<RestartScope>>>;
+
+/// What a build needs besides the config.
+pub(crate) struct BuildInputs<'a> {
+    pub(crate) catalog: &'a Catalog,
+    pub(crate) state_dir: &'a Path,
+    pub(crate) transport: &'a Arc<dyn EventTransport>,
+    pub(crate) live_scopes: &'a Arc<AtomicUsize>,
+    pub(crate) core: PluginFactory,
+}
+
+impl RestartScope {
+    /// Build a complete generation: construct every enabled plugin, collect
+    /// its declarations and freeze the registry. Nothing is started and
+    /// nothing outside the new scope changes.
+    pub(crate) fn build(
+        generation: u64,
+        config: &GatewayConfig,
+        inputs: BuildInputs<'_>,
+    ) -> Result<RestartScope, BuildError> {
+        let (life, controller) = ScopeLife::new(generation);
+        let cx = LoadContext {
+            config,
+            state_dir: inputs.state_dir,
+            life: &life,
+            transport: inputs.transport,
+        };
+        let loader = crate::loader::load(&cx, inputs.core, inputs.catalog)?;
+        let mut builder = RegistryBuilder::new();
+        let mut plugins = Vec::with_capacity(loader.plugins().len());
+        for p in loader.plugins() {
+            let mut registrar = Registrar::new(&p.id);
+            panic::catch(|| p.instance.register(&mut registrar)).map_err(|msg| {
+                BuildError::Plugin {
+                    plugin: p.id.clone(),
+                    message: format!("register panicked: {msg}"),
+                }
+            })?;
+            let mut decl = registrar.into_declarations();
+            p.sink.set_declared(decl.events.iter().cloned());
+            let services = std::mem::take(&mut decl.services);
+            let phase = if services.is_empty() {
+                PluginPhase::Running
+            } else {
+                PluginPhase::Starting
+            };
+            builder
+                .add_plugin(&p.id, decl)
+                .map_err(BuildError::Registry)?;
+            let rt = PluginRuntime {
+                fast: AtomicU8::new(PHASE_STARTING),
+                phase: watch::Sender::new(PluginPhase::Starting),
+                services,
+            };
+            rt.set(phase);
+            plugins.push(rt);
+        }
+        inputs.live_scopes.fetch_add(1, Ordering::SeqCst);
+        Ok(RestartScope {
+            generation,
+            registry: builder.build(),
+            loader,
+            plugins,
+            started_services: Mutex::new(Vec::new()),
+            services_stopped: AtomicBool::new(false),
+            admission: Arc::new(Admission {
+                open: AtomicBool::new(true),
+                inflight: AtomicUsize::new(0),
+                empty: Notify::new(),
+            }),
+            request_cancel: CancellationToken::new(),
+            life: controller,
+            timings: config.restart.clone(),
+            live_scopes: inputs.live_scopes.clone(),
+            built_at: Instant::now(),
+        })
+    }
+
+    /// The generation number.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The immutable registry that both advertises and dispatches.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Advertised methods and events.
+    pub fn features(&self) -> &Features {
+        self.registry.features()
+    }
+
+    /// What this generation loaded.
+    pub fn loader(&self) -> &LoaderCache {
+        &self.loader
+    }
+
+    /// The restart timings this generation was built with.
+    pub fn timings(&self) -> &RestartConfig {
+        &self.timings
+    }
+
+    /// How long ago it was built.
+    pub fn age(&self) -> Duration {
+        self.built_at.elapsed()
+    }
+
+    /// Requests in flight in this generation.
+    pub fn in_flight(&self) -> usize {
+        self.admission.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Whether it still admits requests.
+    pub fn is_admitting(&self) -> bool {
+        self.admission.open.load(Ordering::SeqCst)
+    }
+
+    /// Each plugin's id and phase, in load order.
+    pub fn plugin_phases(&self) -> Vec<(&str, PluginPhase)> {
+        self.loader
+            .plugins()
+            .iter()
+            .zip(&self.plugins)
+            .map(|(p, rt)| (p.id.as_str(), rt.phase.borrow().clone()))
+            .collect()
+    }
+
+    /// Admit a request, or `None` if this generation has closed its door.
+    pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        self.admission.enter().then(|| Admitted {
+            scope: Some(self.clone()),
+            admission: self.admission.clone(),
+        })
+    }
+
+    /// Check role and scope for calling `entry`.
+    pub(crate) fn authorize(entry: &MethodEntry, ctx: &RequestContext) -> Result<(), RpcError> {
+        let spec = &entry.spec;
+        if ctx.role() == Role::Node {
+            if spec.node_only || spec.scope == RequiredScope::None {
+                return Ok(());
+            }
+            return Err(RpcError::forbidden(format!(
+                "method {} is not available to node connections",
+                spec.name
+            ))
+            .with_details(serde_json::json!({"code": "ROLE_NOT_ALLOWED", "role": "node"})));
+        }
+        if spec.node_only {
+            return Err(RpcError::forbidden(format!(
+                "method {} requires the node role",
+                spec.name
+            ))
+            .with_details(serde_json::json!({"code": "NODE_ROLE_REQUIRED"})));
+        }
+        match &spec.scope {
+            RequiredScope::None => Ok(()),
+            RequiredScope::Scope(s) if ctx.scopes().allows(s) => Ok(()),
+            RequiredScope::Scope(s) => Err(RpcError::forbidden(format!("missing scope: {s}"))
+                .with_details(serde_json::json!({
+                    "code": "MISSING_SCOPE",
+                    "missingScope": s,
+                    "requiredScopes": [s],
+                }))),
+        }
+    }
+
+    /// Wait (bounded) until plugin `owner` serves. `what` names the method or
+    /// channel for the error.
+    pub(crate) async fn ready(&self, owner: PluginIndex, what: &str) -> Result<(), RpcError> {
+        let rt = &self.plugins[owner];
+        if rt.fast.load(Ordering::Acquire) == PHASE_RUNNING {
+            return Ok(());
+        }
+        let mut rx = rt.phase.subscribe();
+        let waited = tokio::time::timeout(
+            self.timings.start_wait(),
+            rx.wait_for(|p| *p != PluginPhase::Starting),
+        )
+        .await;
+        let plugin = &self.loader.plugins()[owner].id;
+        let phase = match waited {
+            Ok(Ok(p)) => p.clone(),
+            _ => PluginPhase::Starting,
+        };
+        match phase {
+            PluginPhase::Running => Ok(()),
+            PluginPhase::Starting => Err(RpcError::unavailable(format!(
+                "plugin {plugin} has not started yet"
+            ))
+            .retryable_after(Some(500))
+            .with_details(
+                serde_json::json!({"method": what, "plugin": plugin, "reason": "plugin-starting"}),
+            )),
+            PluginPhase::Failed(e) => Err(RpcError::unavailable(format!(
+                "plugin {plugin} failed to start: {e}"
+            ))
+            .with_details(
+                serde_json::json!({"method": what, "plugin": plugin, "reason": "plugin-failed"}),
+            )),
+            PluginPhase::Stopped => Err(RpcError::restarting()),
+        }
+    }
+
+    /// Run an admitted request: wait for its plugin, call the handler, turn
+    /// panics into errors, and give up with a retryable `UNAVAILABLE` if this
+    /// generation cancels its in-flight requests at the drain deadline.
+    pub(crate) async fn invoke(
+        &self,
+        entry: &MethodEntry,
+        ctx: RequestContext,
+        params: Params,
+    ) -> MethodResult {
+        let run = async {
+            self.ready(entry.owner, &entry.spec.name).await?;
+            run_handler(&entry.spec.handler, ctx, params)
+                .await
+                .map_err(|e| self.handler_error(entry, e))
+        };
+        tokio::select! {
+            biased;
+            r = run => r,
+            () = self.request_cancel.cancelled() => Err(RpcError::restarting()),
+        }
+    }
+
+    fn handler_error(&self, entry: &MethodEntry, e: HandlerFailure) -> RpcError {
+        match e {
+            HandlerFailure::Error(e) => e,
+            HandlerFailure::Panic(msg) => {
+                let plugin = &self.loader.plugins()[entry.owner].id;
+                error!(generation = self.generation, plugin = %plugin, method = %entry.spec.name, panic = %msg, "plugin handler panicked");
+                RpcError::unavailable(format!("handler for {} panicked: {msg}", entry.spec.name))
+                    .with_details(serde_json::json!({"method": entry.spec.name, "plugin": plugin, "reason": "handler-panicked"}))
+            }
+        }
+    }
+
+    /// Start every plugin's services in order; a plugin whose service fails
+    /// is marked failed and its methods answer `UNAVAILABLE`.
+    pub(crate) async fn start_services(&self) {
+        for (index, (rt, p)) in self.plugins.iter().zip(self.loader.plugins()).enumerate() {
+            if rt.services.is_empty() {
+                continue;
+            }
+            let mut failure = None;
+            for svc in &rt.services {
+                lock(&self.started_services).push((index, svc.clone()));
+                let started = tokio::time::timeout(
+                    self.timings.start_timeout(),
+                    panic::catch_async(svc.clone().start()),
+                )
+                .await;
+                let err = match started {
+                    Ok(Ok(Ok(()))) => continue,
+                    Ok(Ok(Err(e))) => e,
+                    Ok(Err(p)) => format!("start panicked: {p}"),
+                    Err(_) => format!("start timed out after {:?}", self.timings.start_timeout()),
+                };
+                error!(generation = self.generation, plugin = %p.id, service = svc.name(), error = %err, "plugin failed to start");
+                failure = Some(format!("service {}: {err}", svc.name()));
+                break;
+            }
+            rt.set(failure.map_or(PluginPhase::Running, PluginPhase::Failed));
+        }
+    }
+
+    /// End this generation: admit nothing new, let in-flight requests finish
+    /// until the drain deadline (then cancel them), stop the services in
+    /// reverse start order exactly once, retire handles, sinks and tasks.
+    pub(crate) async fn shutdown(&self, drain: Duration) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        self.admission.open.store(false, Ordering::SeqCst);
+        if tokio::time::timeout(drain, self.admission.wait_empty())
+            .await
+            .is_err()
+        {
+            report.drain_timed_out = true;
+            report.cancelled_requests = self.in_flight();
+            warn!(
+                generation = self.generation,
+                in_flight = report.cancelled_requests,
+                deadline_ms = drain.as_millis() as u64,
+                "drain timeout; cancelling in-flight requests"
+            );
+            self.request_cancel.cancel();
+            if tokio::time::timeout(Duration::from_secs(1), self.admission.wait_empty())
+                .await
+                .is_err()
+            {
+                warn!(
+                    generation = self.generation,
+                    "requests still in flight after cancellation"
+                );
+            }
+        }
+        if !self.services_stopped.swap(true, Ordering::SeqCst) {
+            let started = std::mem::take(&mut *lock(&self.started_services));
+            for (index, svc) in started.into_iter().rev() {
+                let plugin = &self.loader.plugins()[index].id;
+                let stopped = tokio::time::timeout(
+                    self.timings.stop_timeout(),
+                    panic::catch_async(svc.clone().stop()),
+                )
+                .await;
+                report.services_stopped += 1;
+                let failure = match stopped {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(p)) => format!("stop panicked: {p}"),
+                    Err(_) => format!("stop timed out after {:?}", self.timings.stop_timeout()),
+                };
+                error!(generation = self.generation, plugin = %plugin, service = svc.name(), error = %failure, "plugin service failed to stop");
+                report
+                    .services_failed
+                    .push(format!("{plugin}/{}: {failure}", svc.name()));
+            }
+        }
+        for rt in &self.plugins {
+            rt.set(PluginPhase::Stopped);
+        }
+        self.life.retire();
+        report.aborted_tasks = self.life.reap_tasks(Duration::from_millis(250)).await;
+        if report.aborted_tasks > 0 {
+            warn!(
+                generation = self.generation,
+                aborted = report.aborted_tasks,
+                "aborted background tasks that ignored retirement"
+            );
+        }
+        debug!(generation = self.generation, ?report, "generation stopped");
+        report
+    }
+}
+
+impl Drop for RestartScope {
+    fn drop(&mut self) {
+        let unstopped = lock(&self.started_services).len();
+        if unstopped > 0 && !self.services_stopped.load(Ordering::SeqCst) {
+            warn!(
+                generation = self.generation,
+                services = unstopped,
+                "generation dropped without shutdown; its services were not stopped"
+            );
+        }
+        // Anything still waiting on this generation gives up, its tasks are
+        // aborted, and its handles and sinks refuse from now on. The registry,
+        // the loader cache and the plugin instances go with the fields.
+        self.request_cancel.cancel();
+        self.life.retire();
+        let aborted = self.life.abort_tasks();
+        self.live_scopes.fetch_sub(1, Ordering::SeqCst);
+        info!(
+            generation = self.generation,
+            aborted_tasks = aborted,
+            "generation released"
+        );
+    }
+}
+
+pub(crate) enum HandlerFailure {
+    Error(RpcError),
+    Panic(String),
+}
+
+async fn run_handler(
+    handler: &Handler,
+    ctx: RequestContext,
+    params: Params,
+) -> Result<serde_json::Value, HandlerFailure> {
+    match handler {
+        Handler::Sync(f) => match panic::catch(|| f(&ctx, params)) {
+            Ok(r) => r.map_err(HandlerFailure::Error),
+            Err(p) => Err(HandlerFailure::Panic(p)),
+        },
+        Handler::Async(f) => {
+            let fut = panic::catch(|| f(ctx, params)).map_err(HandlerFailure::Panic)?;
+            match panic::catch_async(fut).await {
+                Ok(r) => r.map_err(HandlerFailure::Error),
+                Err(p) => Err(HandlerFailure::Panic(p)),
+            }
+        }
+    }
+}
+
+/// Run a detached handler (outside any admission).
+pub(crate) async fn run_detached(
+    handler: Handler,
+    ctx: RequestContext,
+    params: Params,
+) -> MethodResult {
+    run_handler(&handler, ctx, params)
+        .await
+        .map_err(|e| match e {
+            HandlerFailure::Error(e) => e,
+            HandlerFailure::Panic(p) => RpcError::unavailable(format!("handler panicked: {p}")),
+        })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
