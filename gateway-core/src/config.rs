@@ -73,6 +73,22 @@ pub struct RestartConfig {
     pub service_start_timeout_ms: u64,
     /// How long a request waits for its plugin to start.
     pub start_wait_ms: u64,
+    /// What the host does with client connections on restart.
+    pub connections: RestartConnections,
+    /// Signals that trigger an in-process restart (host setting), by name:
+    /// `SIGUSR1`, `SIGUSR2`, `SIGHUP`.
+    pub signals: Vec<String>,
+}
+
+/// What happens to client connections on an in-process restart.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartConnections {
+    /// Connections stay open and are told the new generation.
+    #[default]
+    Keep,
+    /// OpenClaw's behaviour: `shutdown` event, then close 1012.
+    Close,
 }
 
 impl Default for RestartConfig {
@@ -82,6 +98,8 @@ impl Default for RestartConfig {
             service_stop_timeout_ms: 5_000,
             service_start_timeout_ms: 10_000,
             start_wait_ms: 5_000,
+            connections: RestartConnections::Keep,
+            signals: vec!["SIGUSR1".into(), "SIGUSR2".into()],
         }
     }
 }

@@ -23,7 +23,8 @@ mod scope;
 
 pub use config::{
     ConfigError, ConfigOrigin, ConfigSource, GatewayConfig, PluginEntry, PluginsConfig,
-    RestartConfig, StaticConfig, TomlFileConfig, parse_toml, read_toml_file, toml_field_position,
+    RestartConfig, RestartConnections, StaticConfig, TomlFileConfig, parse_toml, read_toml_file,
+    toml_field_position,
 };
 pub use core_plugin::{CORE_EVENTS, CORE_PLUGIN_ID};
 pub use frame::Features;
