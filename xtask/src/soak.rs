@@ -97,6 +97,8 @@ struct Summary {
     rss_start_kib: u64,
     rss_end_kib: u64,
     violations: Vec<String>,
+    /// The end of the child's output, kept when something went wrong.
+    log_tail: String,
 }
 
 impl Summary {
@@ -116,6 +118,9 @@ impl Summary {
         for violation in &self.violations {
             println!("  violation: {violation}");
         }
+        if !self.log_tail.is_empty() {
+            println!("last lines of the ws-proxy log:\n{}", self.log_tail);
+        }
     }
 }
 
@@ -132,7 +137,7 @@ async fn soak(binary: &Path, config: &SoakConfig) -> Result<Summary> {
     };
     summary.violations.extend(gateway.stop_and_observe().await);
     if !summary.violations.is_empty() {
-        println!("last lines of the ws-proxy log:\n{}", gateway.log_tail(30));
+        summary.log_tail = gateway.log_tail(30);
     }
     Ok(summary)
 }
