@@ -1,0 +1,237 @@
+//! A tiny in-process host that drives the plugin the way gateway-core does:
+//! one `ScopeLife` per generation, services started in order and stopped in
+//! reverse, then the generation retired.
+
+#![allow(dead_code, unreachable_pub)]
+
+use plugin_api::{
+    Channel, ConnId, Declarations, EventSink, EventTransport, Handler, LifeController,
+    OutboundEvent, OutboundMessage, Params, PluginContext, Registrar, RequestContext, RpcError,
+    ScopeLife, Value,
+};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One recorded event; `conn` is `None` for a broadcast.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub conn: Option<u64>,
+    pub name: String,
+    pub payload: Value,
+}
+
+/// Records events; connections in `connected` accept, others refuse.
+#[derive(Debug, Default)]
+pub struct Transport {
+    connected: Mutex<HashSet<u64>>,
+    events: Mutex<Vec<Ev>>,
+}
+
+impl EventTransport for Transport {
+    fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
+        if !self.connected.lock().unwrap().contains(&conn.0) {
+            return false;
+        }
+        self.events.lock().unwrap().push(Ev {
+            conn: Some(conn.0),
+            name: ev.name.to_string(),
+            payload: serde_json::from_str(ev.payload.get()).unwrap(),
+        });
+        true
+    }
+    fn broadcast(&self, _scope: &str, ev: &OutboundEvent) -> usize {
+        self.events.lock().unwrap().push(Ev {
+            conn: None,
+            name: ev.name.to_string(),
+            payload: serde_json::from_str(ev.payload.get()).unwrap(),
+        });
+        1
+    }
+}
+
+impl Transport {
+    pub fn connect(&self, conn: u64) {
+        self.connected.lock().unwrap().insert(conn);
+    }
+    pub fn disconnect(&self, conn: u64) {
+        self.connected.lock().unwrap().remove(&conn);
+    }
+    pub fn events(&self) -> Vec<Ev> {
+        self.events.lock().unwrap().clone()
+    }
+    pub fn named(&self, name: &str) -> Vec<Ev> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.name == name)
+            .collect()
+    }
+    /// Message ids pushed to `conn`, in push order (repeats included).
+    pub fn pushes(&self, conn: u64) -> Vec<String> {
+        self.named("plugin.bncr.push")
+            .into_iter()
+            .filter(|e| e.conn == Some(conn))
+            .map(|e| e.payload["messageId"].as_str().unwrap().to_string())
+            .collect()
+    }
+    /// Wait (polling) until `cond` holds; panics with `what` after `timeout`.
+    pub async fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Transport) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events: {:#?}",
+                self.events()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// The process-lifetime part: state dir and transport.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub transport: Arc<Transport>,
+    pub config: Value,
+}
+
+/// One generation of the plugin.
+pub struct Gen {
+    pub ctl: LifeController,
+    pub decl: Declarations,
+}
+
+impl Host {
+    pub fn new(config: Value) -> Host {
+        Host {
+            dir: tempfile::tempdir().unwrap(),
+            transport: Arc::new(Transport::default()),
+            config,
+        }
+    }
+
+    /// Build, register and start generation `generation`.
+    pub async fn start(&self, generation: u64) -> Gen {
+        let (life, ctl) = ScopeLife::new(generation);
+        let sink = EventSink::new("bncr", life.clone(), self.transport.clone());
+        let ctx = PluginContext {
+            plugin_id: "bncr".into(),
+            config: self.config.clone(),
+            manifest: None,
+            state_dir: self.dir.path().to_path_buf(),
+            events: sink.clone(),
+            life,
+        };
+        let factory = bncr_plugin::factory();
+        let plugin = (factory.create)(ctx).expect("plugin constructs");
+        let mut r = Registrar::new("bncr");
+        plugin.register(&mut r);
+        let decl = r.into_declarations();
+        sink.set_declared(decl.events.clone());
+        for s in &decl.services {
+            s.clone().start().await.expect("service starts");
+        }
+        Gen { ctl, decl }
+    }
+}
+
+impl Gen {
+    pub async fn call(&self, conn: u64, method: &str, params: Value) -> Result<Value, RpcError> {
+        let spec = self
+            .decl
+            .methods
+            .iter()
+            .find(|m| m.name == method)
+            .unwrap_or_else(|| panic!("method {method} not declared"));
+        let ctx = RequestContext::internal(ConnId(conn));
+        let params = Params::from_value(&params);
+        match &spec.handler {
+            Handler::Sync(h) => h(&ctx, params),
+            Handler::Async(h) => h(ctx, params).await,
+        }
+    }
+
+    /// `call` that must succeed.
+    pub async fn ok(&self, conn: u64, method: &str, params: Value) -> Value {
+        match self.call(conn, method, params.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {params} failed: {e}"),
+        }
+    }
+
+    /// The core `send` through the `bncr` channel.
+    pub async fn send(&self, to: &str, message: Value, key: &str) -> Result<String, RpcError> {
+        let ch: Arc<dyn Channel> = self
+            .decl
+            .channels
+            .iter()
+            .find(|c| c.0 == "bncr")
+            .expect("bncr channel")
+            .1
+            .clone();
+        ch.send(
+            RequestContext::internal(ConnId(999)),
+            OutboundMessage {
+                to: to.into(),
+                message,
+                idempotency_key: key.into(),
+            },
+        )
+        .await
+        .map(|r| r.message_id)
+    }
+
+    pub fn connection_closed(&self, conn: u64) {
+        for h in &self.decl.connection_closed {
+            h(ConnId(conn));
+        }
+    }
+
+    /// Stop services in reverse order, then retire and reap.
+    pub async fn stop(self) {
+        for s in self.decl.services.iter().rev() {
+            s.clone().stop().await;
+        }
+        self.ctl.retire();
+        assert_eq!(
+            self.ctl.reap_tasks(Duration::from_secs(2)).await,
+            0,
+            "tasks ignored cancellation"
+        );
+    }
+
+    /// Drop everything without stopping: as close to kill -9 as in-process gets.
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+/// Ack each id once it was pushed to `conn`, in order, through `gen`.
+pub async fn ack_in_order(host: &Host, g: &Gen, conn: u64, ids: &[String]) {
+    for id in ids {
+        host.transport
+            .wait_for(&format!("push of {id}"), Duration::from_secs(5), |t| {
+                t.pushes(conn).contains(id)
+            })
+            .await;
+        let r = g
+            .ok(
+                conn,
+                "bncr.ack",
+                serde_json::json!({"messageId": id, "ok": true}),
+            )
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+}
+
+/// The distinct ids in order of first appearance.
+pub fn first_seen(ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for id in ids {
+        if !out.contains(id) {
+            out.push(id.clone());
+        }
+    }
+    out
+}
