@@ -173,4 +173,20 @@ mod tests {
         assert_eq!(c.dm_policy, Policy::Allowlist);
         assert!(c.echo.enabled);
     }
+
+    #[test]
+    fn schema_defaults_are_the_config_defaults() {
+        let schema = schema();
+        let mut obj = serde_json::Map::new();
+        for (k, v) in schema["properties"].as_object().unwrap() {
+            if let Some(d) = v.get("default") {
+                obj.insert(k.clone(), d.clone());
+            }
+        }
+        obj.insert("echo".into(), json!({"enabled": false, "prefix": "echo: "}));
+        assert_eq!(
+            Config::from_value(&Value::Object(obj)).unwrap(),
+            Config::default()
+        );
+    }
 }
