@@ -852,7 +852,8 @@ impl Bridge {
         }
     }
 
-    /// `None` when the caller's lease (if it named one) is current.
+    /// Whether the caller named a lease (or epoch) that is no longer the
+    /// account's current one. Callers that name none are never stale.
     fn stale(&self, account: &str, common: &Common) -> bool {
         let st = self.state();
         let current = st.accounts.get(account).and_then(|a| a.lease.as_ref());

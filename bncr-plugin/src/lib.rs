@@ -292,3 +292,62 @@ impl Channel for BncrChannel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::{EventSink, NullTransport, RequiredScope, ScopeLife};
+
+    #[test]
+    fn factory_declares_the_contract_without_side_effects() {
+        let f = factory();
+        assert_eq!(
+            (f.id.as_str(), f.name.as_str(), f.enabled_by_default),
+            ("bncr", "Bncr bridge", true)
+        );
+        assert!(f.config_schema.is_some());
+        let dir = std::env::temp_dir().join("bncr-register-purity-does-not-exist");
+        let (life, _ctl) = ScopeLife::new(1);
+        let ctx = PluginContext {
+            plugin_id: "bncr".into(),
+            config: serde_json::json!({}),
+            manifest: None,
+            state_dir: dir.clone(),
+            events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
+            life,
+        };
+        let plugin = (f.create)(ctx).unwrap();
+        let mut r = Registrar::new("bncr");
+        plugin.register(&mut r);
+        let d = r.into_declarations();
+        let names: Vec<&str> = d.methods.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, METHODS);
+        assert!(
+            d.methods
+                .iter()
+                .all(|m| m.scope == RequiredScope::Scope(scope::WRITE.into()))
+        );
+        assert_eq!(d.events, EVENTS);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.channels.len(), 1);
+        assert_eq!(d.connection_closed.len(), 1);
+        assert!(!dir.exists(), "register did no I/O");
+        let bad = PluginContext {
+            config: serde_json::json!({"window": 0}),
+            ..ctx_clone_for_error()
+        };
+        assert!((f.create)(bad).is_err());
+    }
+
+    fn ctx_clone_for_error() -> PluginContext {
+        let (life, _ctl) = ScopeLife::new(2);
+        PluginContext {
+            plugin_id: "bncr".into(),
+            config: serde_json::json!({}),
+            manifest: None,
+            state_dir: std::env::temp_dir(),
+            events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
+            life,
+        }
+    }
+}
