@@ -308,3 +308,82 @@ impl Pipeline<'_> {
         self.pending.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::echo::{self, EchoConfig};
+
+    fn creds(token: &str) -> Credentials {
+        Credentials {
+            token: Some(token.into()),
+            password: None,
+            scopes: vec!["operator.admin".into()],
+        }
+    }
+
+    /// Starts echo-baseline on a free port for a few seconds; returns its URL.
+    async fn start_echo() -> String {
+        let port = crate::soak::free_port().expect("free port");
+        let config = EchoConfig {
+            port,
+            token: Some("t".into()),
+            duration: Some(Duration::from_secs(10)),
+        };
+        tokio::spawn(echo::run(config));
+        let url = format!("ws://127.0.0.1:{port}");
+        for _ in 0..50 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        url
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_pipelined_request_is_answered_once() {
+        let config = LoadConfig {
+            url: start_echo().await,
+            creds: creds("t"),
+            method: "health".into(),
+            params: Some(json!({})),
+            conns: 4,
+            inflight: 8,
+            duration: Duration::from_millis(300),
+        };
+        let report = run(&config).await.expect("load runs");
+        assert!(report.ok > 0);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            (report.unexpected, report.missing, report.server_closes),
+            (0, 0, 0)
+        );
+        let json = report.to_json();
+        for key in [
+            "rps", "p50_us", "p90_us", "p99_us", "max_us", "ok", "errors",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_token_fails_the_handshake() {
+        let url = start_echo().await;
+        let err = client::connect(&url, &creds("wrong"))
+            .await
+            .expect_err("refused");
+        assert!(format!("{err:#}").contains("unauthorized"), "{err:#}");
+    }
+
+    #[test]
+    fn only_loopback_urls_are_accepted() {
+        for url in ["ws://127.0.0.1:1", "ws://localhost:1", "ws://[::1]:1"] {
+            assert!(client::ensure_loopback(url).is_ok(), "{url}");
+        }
+        assert!(client::ensure_loopback("ws://10.0.0.1:1").is_err());
+    }
+}

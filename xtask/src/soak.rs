@@ -505,7 +505,7 @@ async fn observe_shutdown(mut session: Session) -> Vec<String> {
 }
 
 /// A free loopback port: bind port 0, read it, release it.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
