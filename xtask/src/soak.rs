@@ -176,6 +176,7 @@ async fn soak_running(gateway: &mut Gateway, config: &SoakConfig) -> Result<Summ
     summary.violations.extend(probes.violations);
     summary.violations.extend(gateway.settle().await);
     summary.generation_end = gateway.metric("gateway_generation").await?;
+    summary.violations.extend(failed_restarts(gateway).await);
     summary.violations.extend(load_violations(
         &report,
         summary.generation_end - summary.generation_start,
@@ -191,6 +192,16 @@ async fn soak_running(gateway: &mut Gateway, config: &SoakConfig) -> Result<Summ
     }
     summary.rss_end_kib = gateway.rss_kib()?;
     Ok(summary)
+}
+
+/// A violation if `/metrics` counts failed restarts: the soak never breaks
+/// the config, so every restart should succeed.
+async fn failed_restarts(gateway: &Gateway) -> Option<String> {
+    let failed = gateway
+        .metric(r#"gateway_restarts_total{outcome="failed"}"#)
+        .await
+        .ok()?;
+    (failed > 0.0).then(|| format!("{failed} restarts failed (gateway_restarts_total)"))
 }
 
 /// Violations the load generator saw on its connections.
@@ -395,7 +406,7 @@ impl Gateway {
         )
     }
 
-    /// A gauge or counter without labels from `/metrics`.
+    /// One sample from `/metrics`, named with its labels if it has any.
     async fn metric(&self, name: &str) -> Result<f64> {
         let (status, body) = http_get(self.port, "/metrics").await?;
         if status != 200 {
@@ -526,7 +537,8 @@ async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text.
+/// The value of the sample `name` (with its labels, exactly as the server
+/// writes them) in Prometheus text.
 fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
@@ -546,10 +558,12 @@ mod tests {
 
     #[test]
     fn metric_value_reads_unlabelled_samples_only() {
-        let text = "# TYPE gateway_generation gauge\ngateway_generation 7\ngateway_generation_x 9\ngateway_live_scopes 1\n";
+        let text = "# TYPE gateway_generation gauge\ngateway_generation 7\ngateway_generation_x 9\ngateway_live_scopes 1\ngateway_restarts_total{outcome=\"failed\"} 2\n";
         assert_eq!(metric_value(text, "gateway_generation"), Some(7.0));
         assert_eq!(metric_value(text, "gateway_live_scopes"), Some(1.0));
         assert_eq!(metric_value(text, "gateway_restarts_total"), None);
+        let failed = r#"gateway_restarts_total{outcome="failed"}"#;
+        assert_eq!(metric_value(text, failed), Some(2.0));
     }
 
     #[test]
