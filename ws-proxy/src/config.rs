@@ -1,0 +1,438 @@
+//! Settings: command line, environment and TOML file, resolved once at start.
+//!
+//! Precedence, highest first: flags, environment variables, the config file,
+//! built-in defaults. The `[plugins]` and `[restart]` tables of the file are
+//! read again at every restart through [`FileConfigSource`]; the server's own
+//! tables (`[server]`, `[auth]`, `[limits]`, `[logging]`) are read at start.
+
+use clap::{Parser, ValueEnum};
+use gateway_core::{ConfigError, ConfigOrigin, ConfigSource, GatewayConfig};
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// OpenClaw's default gateway port.
+pub const DEFAULT_PORT: u16 = 18789;
+/// Largest frame accepted before the handshake completes.
+pub const PREAUTH_MAX_PAYLOAD: usize = 64 * 1024;
+/// The file, below the state dir, holding a generated token.
+pub const TOKEN_FILE: &str = "gateway.token";
+
+/// The command line. Every flag but `--config` and `--plugin-dir` can also be
+/// set in the config file; flags win over environment variables, which win
+/// over the file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "ws-proxy",
+    version,
+    about = "OpenClaw-compatible plugin gateway (protocol v4)"
+)]
+pub struct Cli {
+    /// TOML config file (see ws-proxy.example.toml).
+    #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "GATEWAY_BIND", value_name = "ADDR")]
+    pub bind: Option<IpAddr>,
+    /// Port to listen on; 0 picks a free one [default: 18789].
+    #[arg(long, env = "GATEWAY_PORT")]
+    pub port: Option<u16>,
+    /// How clients authenticate [default: token, or password when only a password is set].
+    #[arg(long, env = "GATEWAY_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// Shared token for `--auth token`; generated and stored in the state dir when unset.
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Shared password for `--auth password`.
+    #[arg(long, env = "GATEWAY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Allow `--auth none` on a non-loopback address.
+    #[arg(long)]
+    pub allow_remote_none: bool,
+    /// Extra plugin directory (repeatable); added to `plugins.dirs`.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Durable state directory [default: ./state].
+    #[arg(long, env = "GATEWAY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `ws_proxy=debug,info` [default: info].
+    #[arg(long, env = "GATEWAY_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// How clients authenticate at `connect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A shared token (`auth.token`, or `auth.password` carrying it).
+    Token,
+    /// A shared password (`auth.password`, or `auth.token` carrying it).
+    Password,
+    /// No secret; loopback only unless explicitly allowed.
+    None,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    state_dir: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    mode: Option<AuthMode>,
+    token: Option<String>,
+    password: Option<String>,
+    allow_remote_none: Option<bool>,
+    max_failures_per_minute: Option<u32>,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggingSection {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+/// `[limits]`: per-connection policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame after the handshake (`policy.maxPayload`), bytes.
+    pub max_payload: usize,
+    /// Outbound bytes queued for one client before it is closed as a slow
+    /// consumer (`policy.maxBufferedBytes`).
+    pub max_buffered_bytes: usize,
+    /// `tick` event period (`policy.tickIntervalMs`).
+    pub tick_interval_ms: u64,
+    /// Time allowed from open to a successful `connect`.
+    pub handshake_timeout_ms: u64,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: usize,
+    /// WebSocket ping period; a client silent for two periods is closed.
+    pub ping_interval_ms: u64,
+    /// On stop, how long in-flight requests may drain.
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: 25 * 1024 * 1024,
+            max_buffered_bytes: 50 * 1024 * 1024,
+            tick_interval_ms: 30_000,
+            handshake_timeout_ms: 10_000,
+            max_in_flight: 128,
+            ping_interval_ms: 25_000,
+            shutdown_drain_ms: 5_000,
+        }
+    }
+}
+
+/// The whole config file. Unknown keys are errors.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    auth: AuthSection,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    logging: LoggingSection,
+    #[serde(default)]
+    plugins: gateway_core::PluginsConfig,
+    #[serde(default)]
+    restart: gateway_core::RestartConfig,
+}
+
+/// Authentication settings after resolution.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// The mode.
+    pub mode: AuthMode,
+    /// The secret clients must present (token or password); `None` for mode `none`.
+    pub secret: Option<String>,
+    /// Whether the token was generated and stored in the state dir.
+    pub generated: bool,
+    /// Failed connects per peer IP per minute before refusing (0: unlimited).
+    pub max_failures_per_minute: u32,
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("mode", &self.mode)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("generated", &self.generated)
+            .finish()
+    }
+}
+
+/// Everything the server needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Listen address.
+    pub bind: IpAddr,
+    /// Listen port (0: any free port).
+    pub port: u16,
+    /// Authentication.
+    pub auth: AuthSettings,
+    /// Per-connection policy.
+    pub limits: Limits,
+    /// Durable state directory.
+    pub state_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// Where plugin and restart config is read at each restart.
+    pub source: FileConfigSource,
+    /// The config as read at start (validated; signals known).
+    pub initial: GatewayConfig,
+}
+
+/// A settings problem; the binary prints it as one line and exits 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError(pub String);
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+impl From<ConfigError> for SettingsError {
+    fn from(e: ConfigError) -> Self {
+        SettingsError(e.to_string())
+    }
+}
+
+/// Re-reads the config file (if any) at every load and adds the
+/// `--plugin-dir` directories to `plugins.dirs`. Relative plugin directories
+/// in the file are taken relative to the file's directory.
+#[derive(Debug, Clone, Default)]
+pub struct FileConfigSource {
+    file: Option<PathBuf>,
+    extra_dirs: Vec<PathBuf>,
+}
+
+impl FileConfigSource {
+    /// A source reading `file` (if any) plus `extra_dirs`.
+    pub fn new(file: Option<PathBuf>, extra_dirs: Vec<PathBuf>) -> Self {
+        FileConfigSource { file, extra_dirs }
+    }
+
+    fn read(&self) -> Result<(FileConfig, Option<ConfigOrigin>), ConfigError> {
+        match &self.file {
+            None => Ok((FileConfig::default(), None)),
+            Some(path) => {
+                let (cfg, origin): (FileConfig, _) = gateway_core::read_toml_file(path)?;
+                Ok((cfg, Some(origin)))
+            }
+        }
+    }
+
+    fn gateway_config(
+        &self,
+        file: &FileConfig,
+        origin: Option<ConfigOrigin>,
+    ) -> Result<GatewayConfig, ConfigError> {
+        let base = self
+            .file
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        let mut plugins = file.plugins.clone();
+        if let Some(base) = base.filter(|b| !b.as_os_str().is_empty()) {
+            for d in &mut plugins.dirs {
+                if d.is_relative() {
+                    *d = base.join(&*d);
+                }
+            }
+        }
+        plugins.dirs.extend(self.extra_dirs.iter().cloned());
+        for s in &file.restart.signals {
+            if crate::signals::RestartSignal::from_name(s).is_none() {
+                return Err(ConfigError::at_field(
+                    origin.as_ref(),
+                    "restart.signals",
+                    format!("unknown signal `{s}` (expected SIGUSR1, SIGUSR2 or SIGHUP)"),
+                ));
+            }
+        }
+        Ok(GatewayConfig {
+            plugins,
+            restart: file.restart.clone(),
+            origin,
+        })
+    }
+}
+
+impl ConfigSource for FileConfigSource {
+    fn load(&self) -> Result<GatewayConfig, ConfigError> {
+        let (file, origin) = self.read()?;
+        self.gateway_config(&file, origin)
+    }
+}
+
+impl Settings {
+    /// Resolve settings from the command line (which already carries the
+    /// environment), the config file and defaults. Reads or creates the
+    /// generated token when token auth has no token.
+    pub fn resolve(cli: &Cli) -> Result<Settings, SettingsError> {
+        let source = FileConfigSource::new(cli.config.clone(), cli.plugin_dirs.clone());
+        let (file, origin) = source.read()?;
+        let initial = source.gateway_config(&file, origin)?;
+        let bind = cli
+            .bind
+            .or(file.server.bind)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let port = cli.port.or(file.server.port).unwrap_or(DEFAULT_PORT);
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .or(file.server.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("./state"));
+        let token = cli.token.clone().or(file.auth.token.clone());
+        let password = cli.password.clone().or(file.auth.password.clone());
+        let mode =
+            cli.auth
+                .or(file.auth.mode)
+                .unwrap_or(if password.is_some() && token.is_none() {
+                    AuthMode::Password
+                } else {
+                    AuthMode::Token
+                });
+        let allow_remote_none = cli.allow_remote_none || file.auth.allow_remote_none == Some(true);
+        if mode == AuthMode::None && !bind.is_loopback() && !allow_remote_none {
+            return Err(SettingsError(format!(
+                "refusing to serve {bind} without authentication: use --auth token, or allow it with --allow-remote-none (auth.allow_remote_none = true)"
+            )));
+        }
+        let limits = file.limits.clone();
+        if limits.max_payload < PREAUTH_MAX_PAYLOAD {
+            return Err(SettingsError(format!(
+                "limits.max_payload must be at least {PREAUTH_MAX_PAYLOAD} bytes"
+            )));
+        }
+        if limits.tick_interval_ms == 0 || limits.ping_interval_ms == 0 || limits.max_in_flight == 0
+        {
+            return Err(SettingsError(
+                "limits.tick_interval_ms, limits.ping_interval_ms and limits.max_in_flight must be positive".into(),
+            ));
+        }
+        let (secret, generated) = match mode {
+            AuthMode::None => (None, false),
+            AuthMode::Password => match password.filter(|p| !p.is_empty()) {
+                Some(p) => (Some(p), false),
+                None => {
+                    return Err(SettingsError(
+                        "--auth password needs a password (--password, GATEWAY_PASSWORD or auth.password)".into(),
+                    ));
+                }
+            },
+            AuthMode::Token => match token.filter(|t| !t.is_empty()) {
+                Some(t) => (Some(t), false),
+                None => (Some(stored_token(&state_dir)?), true),
+            },
+        };
+        Ok(Settings {
+            bind,
+            port,
+            auth: AuthSettings {
+                mode,
+                secret,
+                generated,
+                max_failures_per_minute: file.auth.max_failures_per_minute.unwrap_or(10),
+            },
+            limits,
+            state_dir,
+            log_format: cli.log_format.or(file.logging.format).unwrap_or_default(),
+            log_level: cli
+                .log_level
+                .clone()
+                .or(file.logging.level.clone())
+                .unwrap_or_else(|| "info".into()),
+            source,
+            initial,
+        })
+    }
+
+    /// Handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.handshake_timeout_ms)
+    }
+}
+
+/// The token stored in the state dir, created (mode 0600) when absent.
+fn stored_token(state_dir: &Path) -> Result<String, SettingsError> {
+    let path = state_dir.join(TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let t = text.trim();
+        if !t.is_empty() {
+            return Ok(t.to_string());
+        }
+    }
+    std::fs::create_dir_all(state_dir).map_err(|e| {
+        SettingsError(format!(
+            "cannot create state dir {}: {e}",
+            state_dir.display()
+        ))
+    })?;
+    let token = random_hex(24);
+    write_private(&path, &token)
+        .map_err(|e| SettingsError(format!("cannot write {}: {e}", path.display())))?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+/// `n` random bytes as lowercase hex.
+pub(crate) fn random_hex(n: usize) -> String {
+    use rand::RngCore;
+    use std::fmt::Write;
+    let mut bytes = vec![0u8; n];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().fold(String::with_capacity(n * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

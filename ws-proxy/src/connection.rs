@@ -1,0 +1,281 @@
+//! Client connections: the outbound queue of each (its [`Outbox`]), the
+//! task that writes it to the socket, and the table of authenticated
+//! connections that plugins' events go through.
+
+use dashmap::DashMap;
+use futures::{Sink, SinkExt};
+use gateway_core::frame::encode_event;
+use plugin_api::{ConnId, ConnectionInfo, EventTransport, OutboundEvent, Role};
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Approximate framing overhead counted per queued item.
+const ITEM_OVERHEAD: usize = 64;
+/// How long a close frame may take to go out.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the writer task sends.
+#[derive(Debug)]
+enum Outgoing {
+    /// An encoded frame (responses, the challenge).
+    Frame(String),
+    /// An event, framed with the connection's next `seq` when written.
+    Event(Arc<str>, Arc<RawValue>),
+    /// A close frame, after everything queued before it.
+    Close(u16, String),
+}
+
+impl Outgoing {
+    fn cost(&self) -> usize {
+        ITEM_OVERHEAD
+            + match self {
+                Outgoing::Frame(s) => s.len(),
+                Outgoing::Event(n, p) => n.len() + p.get().len(),
+                Outgoing::Close(_, r) => r.len(),
+            }
+    }
+}
+
+/// One connection's outbound queue, bounded by bytes (`maxBufferedBytes`).
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    buffered: AtomicUsize,
+    max_buffered: usize,
+    /// Cancelled to close at once (slow consumer): queued frames are dropped.
+    abort: CancellationToken,
+    abort_reason: Mutex<Option<(u16, String)>>,
+    /// Cancelled once the connection is closing or closed.
+    closed: CancellationToken,
+}
+
+/// The receiving half, owned by the writer task.
+#[derive(Debug)]
+pub(crate) struct OutboxReceiver {
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_buffered: usize) -> (Arc<Outbox>, OutboxReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Arc::new(Outbox {
+            tx,
+            buffered: AtomicUsize::new(0),
+            max_buffered,
+            abort: CancellationToken::new(),
+            abort_reason: Mutex::new(None),
+            closed: CancellationToken::new(),
+        });
+        (outbox, OutboxReceiver { rx })
+    }
+
+    fn push(&self, item: Outgoing) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        let cost = item.cost();
+        let now = self.buffered.fetch_add(cost, Ordering::AcqRel) + cost;
+        if now > self.max_buffered {
+            self.buffered.fetch_sub(cost, Ordering::AcqRel);
+            self.close_now(1008, "slow consumer");
+            return false;
+        }
+        if self.tx.send(item).is_err() {
+            self.buffered.fetch_sub(cost, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Queue an encoded frame.
+    pub(crate) fn frame(&self, text: String) -> bool {
+        self.push(Outgoing::Frame(text))
+    }
+
+    /// Queue an event; the writer gives it the next `seq`.
+    pub(crate) fn event(&self, name: Arc<str>, payload: Arc<RawValue>) -> bool {
+        self.push(Outgoing::Event(name, payload))
+    }
+
+    /// Queue an event only if the client is keeping up (for `tick`): dropped,
+    /// not queued, when anything sizeable is already waiting.
+    pub(crate) fn event_if_idle(&self, name: Arc<str>, payload: Arc<RawValue>) -> bool {
+        let idle_limit = (self.max_buffered / 4).min(256 * 1024);
+        if self.buffered.load(Ordering::Acquire) > idle_limit {
+            return false;
+        }
+        self.event(name, payload)
+    }
+
+    /// Close after everything already queued has been written.
+    pub(crate) fn close(&self, code: u16, reason: &str) {
+        let _ = self.push(Outgoing::Close(code, reason.to_string()));
+    }
+
+    /// Close at once, dropping what is queued.
+    pub(crate) fn close_now(&self, code: u16, reason: &str) {
+        {
+            let mut r = self.abort_reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_none() {
+                *r = Some((code, reason.to_string()));
+            }
+        }
+        self.abort.cancel();
+    }
+
+    /// Cancelled once the connection is closing (a close frame went out or
+    /// the socket failed) or closed.
+    pub(crate) fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }))
+}
+
+/// Write the outbox to `sink` until a close frame went out, the connection
+/// was aborted, or the socket failed; pings every `ping_every`.
+pub(crate) async fn run_writer<S>(
+    outbox: Arc<Outbox>,
+    mut rx: OutboxReceiver,
+    mut sink: S,
+    ping_every: Duration,
+) where
+    S: Sink<Message> + Unpin,
+{
+    let mut seq: u64 = 0;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = outbox.abort.cancelled() => break,
+            _ = outbox.closed.cancelled() => break,
+            item = rx.rx.recv() => match item {
+                None => break,
+                Some(item) => {
+                    let cost = item.cost();
+                    outbox.buffered.fetch_sub(cost, Ordering::AcqRel);
+                    match item {
+                        Outgoing::Frame(s) => Message::text(s),
+                        Outgoing::Event(name, payload) => {
+                            seq += 1;
+                            Message::text(encode_event(&name, Some(&payload), Some(seq)))
+                        }
+                        Outgoing::Close(code, reason) => {
+                            let _ = tokio::time::timeout(
+                                CLOSE_WRITE_TIMEOUT,
+                                sink.send(close_message(code, &reason)),
+                            )
+                            .await;
+                            debug!(code, reason = %reason, "close frame sent");
+                            outbox.closed.cancel();
+                            return;
+                        }
+                    }
+                }
+            },
+            _ = ping.tick() => Message::Ping(Vec::new().into()),
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = outbox.abort.cancelled() => break,
+            r = sink.send(msg) => r.is_ok(),
+        };
+        if !sent {
+            outbox.closed.cancel();
+            return;
+        }
+    }
+    let reason = outbox
+        .abort_reason
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((code, reason)) = reason {
+        debug!(code, reason = %reason, "closing connection");
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, &reason)))
+            .await;
+    }
+    outbox.closed.cancel();
+}
+
+/// An authenticated connection as the table sees it.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub(crate) info: Arc<ConnectionInfo>,
+    pub(crate) outbox: Arc<Outbox>,
+}
+
+/// Every authenticated connection, by id. Lives for the process; it is the
+/// [`EventTransport`] the gateway's plugins reach clients through.
+#[derive(Debug, Default)]
+pub struct ConnectionTable {
+    conns: DashMap<u64, Connection>,
+}
+
+impl ConnectionTable {
+    pub(crate) fn insert(&self, info: Arc<ConnectionInfo>, outbox: Arc<Outbox>) {
+        self.conns
+            .insert(info.conn_id.0, Connection { info, outbox });
+    }
+
+    pub(crate) fn remove(&self, conn: ConnId) {
+        self.conns.remove(&conn.0);
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Every connection's outbox.
+    pub(crate) fn outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.conns.iter().map(|c| c.outbox.clone()).collect()
+    }
+
+    /// Queue a host event (`gateway.generation`, `shutdown`) for everyone.
+    pub(crate) fn send_all(&self, name: &str, payload: &Arc<RawValue>) {
+        let name: Arc<str> = name.into();
+        for c in self.conns.iter() {
+            c.outbox.event(name.clone(), payload.clone());
+        }
+    }
+}
+
+impl EventTransport for ConnectionTable {
+    fn send_to(&self, conn: ConnId, event: &OutboundEvent) -> bool {
+        match self.conns.get(&conn.0) {
+            Some(c) => c.outbox.event(event.name.clone(), event.payload.clone()),
+            None => false,
+        }
+    }
+
+    fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
+            .filter(|c| c.outbox.event(event.name.clone(), event.payload.clone()))
+            .count()
+    }
+
+    fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+}

@@ -1,0 +1,159 @@
+//! Prometheus metrics, rendered in the text exposition format (0.0.4).
+//!
+//! Process-lifetime counters live here; generation gauges are read from
+//! [`Gateway::stats`] at scrape time. The `method` label only takes names the
+//! current registry dispatches (else `unknown`), so it stays bounded.
+
+use dashmap::DashMap;
+use gateway_core::Gateway;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the request duration histogram, in seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Process-lifetime metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: DashMap<(String, &'static str), AtomicU64>,
+    buckets: Vec<AtomicU64>,
+    duration_count: AtomicU64,
+    duration_micros: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: DashMap::new(),
+            buckets: BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            duration_count: AtomicU64::new(0),
+            duration_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Count one answered request. `method` must already be bounded.
+    pub fn observe_request(&self, method: &str, outcome: &'static str, elapsed: Duration) {
+        let key = (method.to_string(), outcome);
+        if let Some(c) = self.requests.get(&key) {
+            c.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.requests
+                .entry(key)
+                .or_insert_with(|| AtomicU64::new(0))
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        self.duration_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Render every metric.
+    pub fn render(&self, gateway: &Gateway, connections_open: usize) -> String {
+        let stats = gateway.stats();
+        let mut out = String::with_capacity(2048);
+        gauge(
+            &mut out,
+            "gateway_connections_open",
+            "Client WebSocket connections open (after the handshake).",
+            connections_open as f64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_requests_total Requests answered, by method and outcome.\n# TYPE gateway_requests_total counter"
+        );
+        let mut rows: Vec<(String, &'static str, u64)> = self
+            .requests
+            .iter()
+            .map(|e| {
+                (
+                    e.key().0.clone(),
+                    e.key().1,
+                    e.value().load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        rows.sort();
+        for (m, o, v) in rows {
+            let _ = writeln!(
+                out,
+                "gateway_requests_total{{method=\"{}\",outcome=\"{o}\"}} {v}",
+                escape(&m)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_request_duration_seconds Time from admission to response.\n# TYPE gateway_request_duration_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (b, c) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "gateway_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+            );
+        }
+        let count = self.duration_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "gateway_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}\ngateway_request_duration_seconds_sum {}\ngateway_request_duration_seconds_count {count}",
+            self.duration_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_restarts_total In-process restarts, by outcome.\n# TYPE gateway_restarts_total counter\ngateway_restarts_total{{outcome=\"ok\"}} {}\ngateway_restarts_total{{outcome=\"failed\"}} {}",
+            stats.restarts_ok, stats.restarts_failed
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_restart_duration_seconds Duration of successful restarts.\n# TYPE gateway_restart_duration_seconds summary\ngateway_restart_duration_seconds_sum {}\ngateway_restart_duration_seconds_count {}",
+            stats.restart_seconds_sum, stats.restarts_ok
+        );
+        gauge(
+            &mut out,
+            "gateway_generation",
+            "The generation serving.",
+            stats.generation as f64,
+        );
+        gauge(
+            &mut out,
+            "gateway_live_scopes",
+            "Generations alive (1 when settled).",
+            stats.live_scopes as f64,
+        );
+        gauge(
+            &mut out,
+            "gateway_requests_in_flight",
+            "Requests being handled, across generations.",
+            stats.in_flight as f64,
+        );
+        gauge(
+            &mut out,
+            "gateway_uptime_seconds",
+            "Time since the gateway started.",
+            stats.uptime.as_secs_f64(),
+        );
+        out
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

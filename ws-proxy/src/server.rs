@@ -1,0 +1,598 @@
+//! The listener: hyper serving probes and metrics, upgrading WebSockets, and
+//! the life of each client connection from challenge to close.
+
+use crate::auth::Authenticator;
+use crate::config::Settings;
+use crate::connection::{ConnectionTable, Outbox, run_writer};
+use crate::metrics::Metrics;
+use futures::StreamExt;
+use gateway_core::frame::encode_response;
+use gateway_core::{BuildError, Catalog, Gateway, GatewayOptions, PluginPhase, RestartConnections};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use plugin_api::{ConnId, ConnectionInfo, Params, RequestContext, RpcError};
+use serde_json::json;
+use serde_json::value::RawValue;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, handshake::derive_accept_key};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// The answer to a request when its connection has too many in flight.
+const BUSY: &str = "The server is busy. Please try again in a moment.";
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// State shared by the listener and every connection; lives for the process.
+pub(crate) struct Shared {
+    pub(crate) settings: Settings,
+    pub(crate) gateway: Gateway,
+    pub(crate) table: Arc<ConnectionTable>,
+    pub(crate) auth: Authenticator,
+    pub(crate) metrics: Metrics,
+    next_conn: AtomicU64,
+    /// Connection tasks.
+    connections: TaskTracker,
+    /// Request tasks.
+    requests: TaskTracker,
+    /// Cancelled when the server stops.
+    stopping: CancellationToken,
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    Bind(SocketAddr, std::io::Error),
+    /// The first generation could not be built.
+    Build(BuildError),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            StartError::Build(e) => write!(f, "cannot start: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Bind, build generation 1 (with the built-in core and bncr plugins), and
+/// start accepting connections.
+pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    let want = SocketAddr::new(settings.bind, settings.port);
+    let listener = TcpListener::bind(want)
+        .await
+        .map_err(|e| StartError::Bind(want, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(want, e))?;
+    let table = Arc::new(ConnectionTable::default());
+    let gateway = Gateway::start(GatewayOptions {
+        catalog: Catalog::new().with(bncr_plugin::factory()),
+        config: Arc::new(settings.source.clone()),
+        state_dir: settings.state_dir.clone(),
+        transport: table.clone(),
+    })
+    .await
+    .map_err(StartError::Build)?;
+    let shared = Arc::new(Shared {
+        auth: Authenticator::new(settings.auth.clone()),
+        settings,
+        gateway,
+        table,
+        metrics: Metrics::default(),
+        next_conn: AtomicU64::new(1),
+        connections: TaskTracker::new(),
+        requests: TaskTracker::new(),
+        stopping: CancellationToken::new(),
+    });
+    tokio::spawn(accept_loop(shared.clone(), listener));
+    tokio::spawn(watch_generations(shared.clone()));
+    info!(%addr, "listening on ws://{addr}");
+    Ok(RunningServer { shared, addr })
+}
+
+impl RunningServer {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The gateway behind this server.
+    pub fn gateway(&self) -> &Gateway {
+        &self.shared.gateway
+    }
+
+    /// Authenticated connections open now.
+    pub fn connections_open(&self) -> usize {
+        self.shared.table.len()
+    }
+
+    /// Stop gracefully: stop accepting, send every connection `shutdown`,
+    /// drain in-flight requests within the configured deadline, stop the
+    /// gateway, close every connection 1012. Every wait is bounded.
+    pub async fn stop(self) {
+        let s = &self.shared;
+        s.stopping.cancel();
+        let payload = raw(&json!({"reason": "gateway stopping", "restartExpectedMs": null}));
+        s.table.send_all("shutdown", &payload);
+        let drain = Duration::from_millis(s.settings.limits.shutdown_drain_ms);
+        let grace = drain + Duration::from_secs(5);
+        if tokio::time::timeout(grace, s.gateway.shutdown(Some(drain)))
+            .await
+            .is_err()
+        {
+            warn!(timeout = ?grace, "gateway shutdown timed out; stopping anyway");
+        }
+        s.requests.close();
+        if tokio::time::timeout(Duration::from_secs(2), s.requests.wait())
+            .await
+            .is_err()
+        {
+            warn!("requests still running after the drain deadline; abandoned");
+        }
+        for outbox in s.table.outboxes() {
+            outbox.close(1012, "service restart");
+        }
+        s.connections.close();
+        if tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), s.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after close; dropping them");
+        }
+        info!("stopped");
+    }
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn raw(value: &serde_json::Value) -> Arc<RawValue> {
+    serde_json::value::to_raw_value(value)
+        .map(Arc::from)
+        .unwrap_or_else(|_| Arc::from(RawValue::NULL.to_owned()))
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared2.clone();
+                async move { Ok::<_, Infallible>(handle_http(shared, peer, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// On each new generation: tell every connection (`gateway.generation`), or
+/// close them all when `restart.connections = "close"`.
+async fn watch_generations(shared: Arc<Shared>) {
+    let mut rx = shared.gateway.subscribe();
+    rx.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        rx.borrow_and_update();
+        let scope = shared.gateway.current();
+        if scope.timings().connections == RestartConnections::Close {
+            let payload = raw(&json!({"reason": "gateway restarting", "restartExpectedMs": 1500}));
+            for outbox in shared.table.outboxes() {
+                outbox.event("shutdown".into(), payload.clone());
+                outbox.close(1012, "service restart");
+            }
+        } else {
+            shared
+                .table
+                .send_all("gateway.generation", &generation_payload(&scope));
+        }
+    }
+}
+
+fn generation_payload(scope: &gateway_core::RestartScope) -> Arc<RawValue> {
+    raw(&json!({"generation": scope.generation(), "features": scope.features()}))
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn handle_http(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> HttpResponse {
+    if is_upgrade(&req) {
+        return upgrade(shared, peer, req);
+    }
+    let head = req.method() == Method::HEAD;
+    let get = req.method() == Method::GET || head;
+    match req.uri().path() {
+        "/healthz" | "/health" if get => {
+            let stats = shared.gateway.stats();
+            let body = json!({"ok": true, "status": "live", "generation": stats.generation,
+                "uptimeMs": stats.uptime.as_millis() as u64});
+            probe(StatusCode::OK, &body, head)
+        }
+        "/readyz" | "/ready" if get => {
+            let scope = shared.gateway.current();
+            let failed: Vec<_> = scope
+                .plugin_phases()
+                .into_iter()
+                .filter_map(|(id, p)| match p {
+                    PluginPhase::Failed(e) => Some(json!({"id": id, "error": e})),
+                    _ => None,
+                })
+                .collect();
+            let closing = shared.gateway.is_closing() || shared.stopping.is_cancelled();
+            let ready = failed.is_empty() && !closing;
+            let mut body = json!({"ok": ready, "status": if ready {"ready"} else {"not-ready"},
+                "generation": scope.generation()});
+            if !failed.is_empty() {
+                body["failedPlugins"] = json!(failed);
+            }
+            if closing {
+                body["reason"] = json!("gateway stopping");
+            }
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            probe(code, &body, head)
+        }
+        "/metrics" if get => {
+            let text = shared.metrics.render(&shared.gateway, shared.table.len());
+            let mut r = Response::new(Full::new(if head {
+                Bytes::new()
+            } else {
+                Bytes::from(text)
+            }));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        "/healthz" | "/health" | "/readyz" | "/ready" | "/metrics" => {
+            let mut r = probe(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"ok": false, "status": "method-not-allowed"}),
+                false,
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        _ => probe(
+            StatusCode::NOT_FOUND,
+            &json!({"ok": false, "status": "not-found"}),
+            head,
+        ),
+    }
+}
+
+fn probe(code: StatusCode, body: &serde_json::Value, head: bool) -> HttpResponse {
+    let text = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(body.to_string())
+    };
+    let mut r = Response::new(Full::new(text));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+}
+
+fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) -> HttpResponse {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let (Some(key), true, true) = (key, version_ok, req.method() == Method::GET) else {
+        let mut r = probe(
+            StatusCode::BAD_REQUEST,
+            &json!({"ok": false, "status": "bad-websocket-request"}),
+            false,
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    };
+    if shared.stopping.is_cancelled() {
+        return probe(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ok": false, "status": "not-ready", "reason": "gateway stopping"}),
+            false,
+        );
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let tracker = shared.connections.clone();
+    tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let limits = &shared.settings.limits;
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(limits.max_payload))
+                    .max_frame_size(Some(limits.max_payload));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    WsRole::Server,
+                    Some(config),
+                )
+                .await;
+                run_connection(shared, ws, peer).await;
+            }
+            Err(e) => debug!(%peer, error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+async fn run_connection<S>(shared: Arc<Shared>, ws: WebSocketStream<S>, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let limits = shared.settings.limits.clone();
+    let (sink, mut stream) = ws.split();
+    let (outbox, rx) = Outbox::new(limits.max_buffered_bytes);
+    let ping_every = Duration::from_millis(limits.ping_interval_ms);
+    let writer = tokio::spawn(run_writer(outbox.clone(), rx, sink, ping_every));
+    debug!(%peer, conn = %conn_id, "connection opened");
+    crate::handshake::send_challenge(&outbox);
+    let handshake = tokio::time::timeout(
+        shared.settings.handshake_timeout(),
+        crate::handshake::run(&shared, &mut stream, &outbox, peer, conn_id),
+    )
+    .await;
+    let admitted = match handshake {
+        Ok(r) => r,
+        Err(_) => {
+            outbox.close(1008, "handshake timeout");
+            None
+        }
+    };
+    if let Some((info, generation)) = admitted {
+        shared.table.insert(info.clone(), outbox.clone());
+        let scope = shared.gateway.current();
+        if scope.generation() != generation {
+            // A restart finished between hello-ok and joining the table.
+            outbox.event("gateway.generation".into(), generation_payload(&scope));
+        }
+        drop(scope);
+        serve(&shared, &mut stream, &outbox, info, &limits).await;
+        shared.table.remove(conn_id);
+        shared.gateway.connection_closed(conn_id);
+    }
+    // Let queued frames and the close frame go out and read until the
+    // client's close reply (or the socket ends), within a bound.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    outbox.closed().cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    debug!(%peer, conn = %conn_id, "connection closed");
+}
+
+async fn serve<S>(
+    shared: &Arc<Shared>,
+    stream: &mut S,
+    outbox: &Arc<Outbox>,
+    info: Arc<ConnectionInfo>,
+    limits: &crate::config::Limits,
+) where
+    S: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let tick_every = Duration::from_millis(limits.tick_interval_ms);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + tick_every, tick_every);
+    let idle = Duration::from_millis(limits.ping_interval_ms) * 2 + Duration::from_secs(5);
+    let mut last_seen = tokio::time::Instant::now();
+    let closed = outbox.closed().clone();
+    loop {
+        let msg = tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = tick.tick() => {
+                let payload = raw(&json!({"ts": unix_ms()}));
+                outbox.event_if_idle("tick".into(), payload);
+                continue;
+            }
+            _ = tokio::time::sleep_until(last_seen + idle) => {
+                debug!(conn = %info.conn_id, "keepalive timeout");
+                outbox.close(1001, "keepalive timeout");
+                return;
+            }
+            m = stream.next() => m,
+        };
+        last_seen = tokio::time::Instant::now();
+        let text = match msg {
+            None | Some(Ok(Message::Close(_))) => return,
+            Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
+            Some(Ok(Message::Binary(b))) => match String::from_utf8(b.to_vec()) {
+                Ok(t) => t,
+                Err(_) => continue,
+            },
+            Some(Ok(_)) => continue,
+            Some(Err(tungstenite::Error::Capacity(_))) => {
+                outbox.close(1009, "payload too large");
+                return;
+            }
+            Some(Err(e)) => {
+                debug!(conn = %info.conn_id, error = %e, "read failed");
+                return;
+            }
+        };
+        if text.len() > limits.max_payload {
+            outbox.close(1009, "payload too large");
+            return;
+        }
+        handle_request(
+            shared,
+            outbox,
+            &info,
+            &in_flight,
+            &text,
+            limits.max_in_flight,
+        );
+    }
+}
+
+fn handle_request(
+    shared: &Arc<Shared>,
+    outbox: &Arc<Outbox>,
+    info: &Arc<ConnectionInfo>,
+    in_flight: &Arc<AtomicUsize>,
+    text: &str,
+    max_in_flight: usize,
+) {
+    let frame = match gateway_core::frame::parse_request(text) {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(id) = &e.id {
+                outbox.frame(encode_response(id, &Err(e.to_rpc_error())));
+            }
+            return;
+        }
+    };
+    if frame.method == "connect" {
+        let err = RpcError::invalid_request("invalid handshake: already connected")
+            .with_details(json!({"code": "ALREADY_CONNECTED"}));
+        outbox.frame(encode_response(&frame.id, &Err(err)));
+        return;
+    }
+    if in_flight.fetch_add(1, Ordering::AcqRel) >= max_in_flight {
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        let err = RpcError::unavailable(BUSY).retryable_after(Some(250));
+        shared.metrics.observe_request(
+            &bounded_method(shared, &frame.method),
+            "busy",
+            Duration::ZERO,
+        );
+        outbox.frame(encode_response(&frame.id, &Err(err)));
+        return;
+    }
+    let id = frame.id.into_owned();
+    let method = frame.method.into_owned();
+    let params = frame
+        .params
+        .map(|p| Params::from_raw(p.to_owned()))
+        .unwrap_or_default();
+    let ctx = RequestContext::new(info.clone());
+    let (shared, outbox, in_flight) = (shared.clone(), outbox.clone(), in_flight.clone());
+    shared.requests.clone().spawn(async move {
+        let started = Instant::now();
+        let result = shared.gateway.dispatch(ctx, &method, params).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => outcome_label(e),
+        };
+        outbox.frame(encode_response(&id, &result));
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.observe_request(
+            &bounded_method(&shared, &method),
+            outcome,
+            started.elapsed(),
+        );
+    });
+}
+
+fn outcome_label(e: &RpcError) -> &'static str {
+    use plugin_api::ErrorCode::*;
+    match e.code {
+        InvalidRequest => "invalid_request",
+        Forbidden => "forbidden",
+        Unavailable => "unavailable",
+        NotPaired => "not_paired",
+        AgentTimeout => "agent_timeout",
+        ApprovalNotFound => "approval_not_found",
+    }
+}
+
+/// The method name if the current registry has it, else `unknown`: keeps
+/// the metric label set bounded.
+fn bounded_method(shared: &Shared, method: &str) -> String {
+    if shared.gateway.current().registry().get(method).is_some() {
+        method.to_string()
+    } else {
+        "unknown".to_string()
+    }
+}
