@@ -283,7 +283,10 @@ impl Pipeline<'_> {
                     return;
                 };
                 let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.stats.latency_us.saturating_record(micros);
+                self.stats
+                    .latency_us
+                    .record(micros)
+                    .expect("auto-resizing histograms record any u64");
                 if res.ok {
                     self.stats.ok += 1;
                 } else {
