@@ -55,6 +55,8 @@ pub(crate) struct Outbox {
     abort_reason: Mutex<Option<(u16, String)>>,
     /// Cancelled once the connection is closing or closed.
     closed: CancellationToken,
+    /// Set when the server asked to close.
+    close_requested: std::sync::atomic::AtomicBool,
 }
 
 /// The receiving half, owned by the writer task.
@@ -73,6 +75,7 @@ impl Outbox {
             abort: CancellationToken::new(),
             abort_reason: Mutex::new(None),
             closed: CancellationToken::new(),
+            close_requested: std::sync::atomic::AtomicBool::new(false),
         });
         (outbox, OutboxReceiver { rx })
     }
@@ -117,11 +120,13 @@ impl Outbox {
 
     /// Close after everything already queued has been written.
     pub(crate) fn close(&self, code: u16, reason: &str) {
+        self.close_requested.store(true, Ordering::Release);
         let _ = self.push(Outgoing::Close(code, reason.to_string()));
     }
 
     /// Close at once, dropping what is queued.
     pub(crate) fn close_now(&self, code: u16, reason: &str) {
+        self.close_requested.store(true, Ordering::Release);
         {
             let mut r = self.abort_reason.lock().unwrap_or_else(|e| e.into_inner());
             if r.is_none() {
@@ -129,6 +134,11 @@ impl Outbox {
             }
         }
         self.abort.cancel();
+    }
+
+    /// Whether the server asked to close this connection.
+    pub(crate) fn close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Acquire)
     }
 
     /// Cancelled once the connection is closing (a close frame went out or

@@ -34,6 +34,9 @@ use tracing::{debug, info, warn};
 const BUSY: &str = "The server is busy. Please try again in a moment.";
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a socket stays open after our close frame when the client's
+/// reply cannot be read.
+const CLOSE_LINGER: Duration = Duration::from_millis(200);
 
 /// State shared by the listener and every connection; lives for the process.
 pub(crate) struct Shared {
@@ -47,8 +50,11 @@ pub(crate) struct Shared {
     connections: TaskTracker,
     /// Request tasks.
     requests: TaskTracker,
-    /// Cancelled when the server stops.
+    /// Cancelled when the server begins to stop (new WebSockets refused,
+    /// readiness 503).
     stopping: CancellationToken,
+    /// Cancelled when the listener closes, at the end of a stop.
+    unlisten: CancellationToken,
 }
 
 /// Why the server could not start.
@@ -114,6 +120,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         connections: TaskTracker::new(),
         requests: TaskTracker::new(),
         stopping: CancellationToken::new(),
+        unlisten: CancellationToken::new(),
     });
     tokio::spawn(accept_loop(shared.clone(), listener));
     tokio::spawn(watch_generations(shared.clone()));
@@ -143,14 +150,15 @@ impl RunningServer {
     pub async fn stop(self) {
         let s = &self.shared;
         s.stopping.cancel();
-        let payload = raw(&json!({"reason": "gateway stopping", "restartExpectedMs": null}));
-        s.table.send_all("shutdown", &payload);
         let drain = Duration::from_millis(s.settings.limits.shutdown_drain_ms);
         let grace = drain + Duration::from_secs(5);
-        if tokio::time::timeout(grace, s.gateway.shutdown(Some(drain)))
-            .await
-            .is_err()
-        {
+        // Polled once before the event goes out, so the gateway already
+        // refuses new requests (`gateway-closing`) when clients hear of it.
+        let mut shutdown = std::pin::pin!(s.gateway.shutdown(Some(drain)));
+        let first = futures::poll!(shutdown.as_mut());
+        let payload = raw(&json!({"reason": "gateway stopping", "restartExpectedMs": null}));
+        s.table.send_all("shutdown", &payload);
+        if first.is_pending() && tokio::time::timeout(grace, shutdown).await.is_err() {
             warn!(timeout = ?grace, "gateway shutdown timed out; stopping anyway");
         }
         s.requests.close();
@@ -170,6 +178,7 @@ impl RunningServer {
         {
             warn!("connections still open after close; dropping them");
         }
+        s.unlisten.cancel();
         info!("stopped");
     }
 }
@@ -189,7 +198,7 @@ fn raw(value: &serde_json::Value) -> Arc<RawValue> {
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shared.stopping.cancelled() => return,
+            _ = shared.unlisten.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -446,6 +455,13 @@ where
     // client's close reply (or the socket ends), within a bound.
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while let Some(Ok(_)) = stream.next().await {}
+        if outbox.close_requested() {
+            // The read side failed first (e.g. an oversized frame): let our
+            // close frame out and give the peer a moment to read it before
+            // the socket is dropped (unread input would reset it).
+            outbox.closed().cancelled().await;
+            tokio::time::sleep(CLOSE_LINGER).await;
+        }
     })
     .await;
     outbox.closed().cancel();

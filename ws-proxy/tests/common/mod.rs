@@ -131,6 +131,11 @@ impl Client {
         self.ws.send(Message::text(text.to_string())).await.unwrap();
     }
 
+    /// Send; `false` when the connection is gone.
+    pub async fn send_json_checked(&mut self, v: &Value) -> bool {
+        self.ws.send(Message::text(v.to_string())).await.is_ok()
+    }
+
     pub async fn send_json(&mut self, v: &Value) {
         self.send_text(&v.to_string()).await;
     }
