@@ -109,7 +109,7 @@ async fn sigusr1_twenty_times_with_a_connection_kept_open() {
 fn next_request(n: &mut u64) -> (String, Value) {
     *n += 1;
     let id = format!("q{n}");
-    let (method, params) = if *n % 4 == 0 {
+    let (method, params) = if n.is_multiple_of(4) {
         ("health", json!({}))
     } else {
         ("demo.sleep", json!({"ms": 20 + (*n % 5) * 10}))
