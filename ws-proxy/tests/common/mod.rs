@@ -339,6 +339,8 @@ pub struct Proc {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Stdout after the listening line.
+    pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Proc {
@@ -350,10 +352,19 @@ impl Proc {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, args: &[String]) -> Proc {
+        let mut all: Vec<String> =
+            vec!["--port".into(), "0".into(), "--token".into(), TOKEN.into()];
+        all.push("--state-dir".into());
+        all.push(dir.path().join("state").display().to_string());
+        all.extend(args.iter().cloned());
+        Proc::spawn(dir, &all).await
+    }
+
+    /// Start the binary with exactly `args`, in `dir` as working directory.
+    pub async fn spawn(dir: tempfile::TempDir, args: &[String]) -> Proc {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-proxy"));
-        cmd.args(["--port", "0", "--token", TOKEN, "--state-dir"])
-            .arg(dir.path().join("state"))
-            .args(args)
+        cmd.args(args)
+            .current_dir(dir.path())
             .env_remove("GATEWAY_TOKEN")
             .env_remove("GATEWAY_CONFIG")
             .stdin(Stdio::null())
@@ -377,8 +388,17 @@ impl Proc {
         .ok()
         .flatten()
         .unwrap_or_else(|| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let out = stdout.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = lines.next_line().await {
+                let mut s = out.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
         Proc {
+            stdout,
             child,
             addr,
             dir,
