@@ -436,3 +436,66 @@ pub(crate) fn random_hex(n: usize) -> String {
         s
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(config: Option<PathBuf>, state: &Path) -> Cli {
+        Cli {
+            config,
+            state_dir: Some(state.to_path_buf()),
+            ..Cli::default()
+        }
+    }
+
+    #[test]
+    fn the_example_file_documents_valid_defaults() {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ws-proxy.example.toml");
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cli(Some(example), tmp.path());
+        c.token = Some("t".into());
+        let s = Settings::resolve(&c).unwrap();
+        assert_eq!(s.limits, Limits::default());
+        assert_eq!(s.port, DEFAULT_PORT);
+        assert_eq!(s.initial.restart, gateway_core::RestartConfig::default());
+        assert_eq!(s.auth.max_failures_per_minute, 10);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_plugin_dirs_add_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[server]\nport = 1234\nbind = \"127.0.0.2\"\n[auth]\ntoken = \"file\"\n[plugins]\ndirs = [\"rel\"]\n",
+        )
+        .unwrap();
+        let mut c = cli(Some(path), tmp.path());
+        c.port = Some(4321);
+        c.plugin_dirs = vec![PathBuf::from("/extra")];
+        let s = Settings::resolve(&c).unwrap();
+        assert_eq!(s.port, 4321);
+        assert_eq!(s.bind.to_string(), "127.0.0.2");
+        assert_eq!(s.auth.secret.as_deref(), Some("file"));
+        assert_eq!(
+            s.initial.plugins.dirs,
+            vec![tmp.path().join("rel"), PathBuf::from("/extra")]
+        );
+        c.token = Some("flag".into());
+        assert_eq!(
+            Settings::resolve(&c).unwrap().auth.secret.as_deref(),
+            Some("flag")
+        );
+    }
+
+    #[test]
+    fn unknown_restart_signals_are_config_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("g.toml");
+        std::fs::write(&path, "[restart]\nsignals = [\"SIGUSR1\", \"SIGKILL\"]\n").unwrap();
+        let e = Settings::resolve(&cli(Some(path), tmp.path())).unwrap_err();
+        assert!(e.0.contains("restart.signals"), "{e}");
+        assert!(e.0.contains("g.toml:2"), "{e}");
+    }
+}

@@ -289,3 +289,67 @@ impl EventTransport for ConnectionTable {
         self.conns.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::{ClientInfo, Scopes};
+
+    fn conn(table: &ConnectionTable, id: u64, role: Role, scopes: &[&str]) -> OutboxReceiver {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let info = Arc::new(ConnectionInfo {
+            conn_id: ConnId(id),
+            role,
+            scopes: Scopes::new(scopes.iter().copied()),
+            client: ClientInfo::default(),
+        });
+        table.insert(info, outbox);
+        rx
+    }
+
+    fn event() -> OutboundEvent {
+        OutboundEvent {
+            name: "plugin.demo.ping".into(),
+            payload: Arc::from(RawValue::from_string("{}".into()).unwrap()),
+        }
+    }
+
+    #[test]
+    fn broadcast_reaches_operators_holding_the_scope_and_send_to_one() {
+        let table = ConnectionTable::default();
+        let mut admin = conn(&table, 1, Role::Operator, &["operator.admin"]);
+        let mut read = conn(&table, 2, Role::Operator, &["operator.read"]);
+        let mut node = conn(&table, 3, Role::Node, &["operator.admin"]);
+        assert_eq!(table.broadcast("operator.write", &event()), 1);
+        assert!(admin.rx.try_recv().is_ok());
+        assert!(read.rx.try_recv().is_err());
+        assert!(node.rx.try_recv().is_err());
+        assert!(table.send_to(ConnId(3), &event()));
+        assert!(node.rx.try_recv().is_ok());
+        assert!(!table.send_to(ConnId(9), &event()));
+        assert_eq!(table.connection_count(), 3);
+        table.remove(ConnId(1));
+        assert_eq!(table.connection_count(), 2);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_and_aborts_the_connection() {
+        let (outbox, _rx) = Outbox::new(1000);
+        assert!(outbox.frame("x".repeat(500)));
+        assert!(!outbox.frame("x".repeat(500)));
+        assert!(outbox.abort.is_cancelled());
+        assert_eq!(
+            outbox.abort_reason.lock().unwrap().clone(),
+            Some((1008, "slow consumer".to_string()))
+        );
+    }
+
+    #[test]
+    fn ticks_are_dropped_for_a_client_that_is_behind() {
+        let (outbox, _rx) = Outbox::new(4000);
+        let p: Arc<RawValue> = Arc::from(RawValue::from_string("{}".into()).unwrap());
+        assert!(outbox.event_if_idle("tick".into(), p.clone()));
+        assert!(outbox.frame("x".repeat(1500)));
+        assert!(!outbox.event_if_idle("tick".into(), p));
+    }
+}
