@@ -150,7 +150,6 @@ pub(crate) struct Inner {
     current: ArcSwap<RestartScope>,
     link: GatewayLink,
     options: GatewayOptions,
-    next_generation: AtomicU64,
     coordinator: Coordinator,
     live_scopes: Arc<AtomicUsize>,
     in_flight: AtomicUsize,
@@ -198,7 +197,6 @@ impl Gateway {
             current: ArcSwap::new(scope.clone()),
             link: link.clone(),
             options,
-            next_generation: AtomicU64::new(2),
             coordinator: Coordinator::default(),
             live_scopes,
             in_flight: AtomicUsize::new(0),
@@ -362,7 +360,9 @@ impl Gateway {
             return Err(self.record_failure(started, "gateway is stopping".into()));
         }
         let old_gen = self.current().generation();
-        let generation = self.inner.next_generation.fetch_add(1, Ordering::SeqCst);
+        // Restarts are serialized, so the next number is free; a failed build
+        // never served and leaves no gap.
+        let generation = old_gen + 1;
         info!(from = old_gen, to = generation, "restart started");
         let built = self
             .inner
