@@ -8,6 +8,7 @@ mod client;
 mod echo;
 mod load;
 mod process;
+mod restart_latency;
 mod soak;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     EchoBaseline(EchoArgs),
     /// Restart soak: ws-proxy under load while SIGUSR1 fires on a schedule.
     Soak(SoakArgs),
+    /// SIGUSR1 restart latency (signal to new generation serving) and RSS.
+    RestartLatency(RestartLatencyArgs),
 }
 
 /// Auth and scopes presented in `connect`.
@@ -128,6 +131,35 @@ struct SoakArgs {
     binary: Option<std::path::PathBuf>,
 }
 
+/// Flags of `restart-latency`.
+#[derive(Debug, Args)]
+struct RestartLatencyArgs {
+    /// Manifest plugins to generate.
+    #[arg(long, default_value_t = 50)]
+    plugins: usize,
+    /// Methods per plugin.
+    #[arg(long, default_value_t = 10)]
+    methods: usize,
+    /// SIGUSR1 restarts to measure.
+    #[arg(long, default_value_t = 200)]
+    restarts: u64,
+    /// Build and run the release binary.
+    #[arg(long)]
+    release: bool,
+    /// Run this ws-proxy binary instead of building one.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
+    /// `--log-level` for ws-proxy (e.g. `debug` to see restart phases).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Copy ws-proxy's output to this file at the end.
+    #[arg(long)]
+    keep_log: Option<std::path::PathBuf>,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
@@ -157,6 +189,22 @@ fn run(command: Command) -> Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         }),
+        Command::RestartLatency(args) => {
+            let config = restart_latency::RestartLatencyConfig {
+                plugins: args.plugins,
+                methods: args.methods,
+                restarts: args.restarts,
+                release: args.release,
+                binary: args.binary,
+                log_level: args.log_level,
+                keep_log: args.keep_log,
+            };
+            Ok(if restart_latency::run(&config, args.json)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! methods dispatch after each restart, live scopes settle at 1, the
 //! generation advances, and SIGTERM ends the process cleanly.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -327,11 +328,13 @@ fn has_side_effects(method: &str) -> bool {
             .any(|segment| SIDE_EFFECT_SEGMENTS.contains(&segment.to_ascii_lowercase().as_str()))
 }
 
-/// The ws-proxy child process and what it was started with.
+/// The ws-proxy child process and what it was started with; shared with
+/// `restart-latency`.
 #[derive(Debug)]
-struct Gateway {
+pub(crate) struct Gateway {
     child: Child,
-    pid: Pid,
+    /// The child's process id, for signals and `/proc`.
+    pub(crate) pid: Pid,
     port: u16,
     token: String,
     log: PathBuf,
@@ -342,6 +345,12 @@ struct Gateway {
 impl Gateway {
     /// Starts ws-proxy on a free loopback port and waits for `/readyz`.
     async fn start(binary: &Path) -> Result<Self> {
+        Self::start_with(binary, &[]).await
+    }
+
+    /// Like [`Gateway::start`], passing `extra_args` (e.g. `--plugin-dir`)
+    /// after the port, auth and state-dir flags.
+    pub(crate) async fn start_with(binary: &Path, extra_args: &[OsString]) -> Result<Self> {
         let dir = tempfile::tempdir().context("create temp dir")?;
         let state_dir = dir.path().join("state");
         std::fs::create_dir_all(&state_dir)?;
@@ -354,6 +363,7 @@ impl Gateway {
             .args(["--auth", "token", "--token", &token])
             .arg("--state-dir")
             .arg(&state_dir)
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -374,11 +384,11 @@ impl Gateway {
         Ok(gateway)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("ws://127.0.0.1:{}", self.port)
     }
 
-    fn credentials(&self) -> Credentials {
+    pub(crate) fn credentials(&self) -> Credentials {
         Credentials {
             token: Some(self.token.clone()),
             password: None,
@@ -407,7 +417,7 @@ impl Gateway {
     }
 
     /// One sample from `/metrics`, named with its labels if it has any.
-    async fn metric(&self, name: &str) -> Result<f64> {
+    pub(crate) async fn metric(&self, name: &str) -> Result<f64> {
         let (status, body) = http_get(self.port, "/metrics").await?;
         if status != 200 {
             bail!("GET /metrics answered {status}");
@@ -416,7 +426,7 @@ impl Gateway {
     }
 
     /// Waits for `gateway_live_scopes` to read 1; a violation if it does not.
-    async fn settle(&self) -> Option<String> {
+    pub(crate) async fn settle(&self) -> Option<String> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         let mut last = None;
         while Instant::now() < deadline {
@@ -432,7 +442,7 @@ impl Gateway {
     }
 
     /// VmRSS of the child in KiB.
-    fn rss_kib(&self) -> Result<u64> {
+    pub(crate) fn rss_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
         status
             .lines()
@@ -443,7 +453,7 @@ impl Gateway {
 
     /// SIGTERM with one client connected: it must see the `shutdown` event
     /// and close 1012, and the process must exit 0 in time.
-    async fn stop_and_observe(&mut self) -> Vec<String> {
+    pub(crate) async fn stop_and_observe(&mut self) -> Vec<String> {
         let mut violations = Vec::new();
         let observer = client::connect(&self.url(), &self.credentials()).await;
         if let Err(err) = kill(self.pid, Signal::SIGTERM) {
@@ -469,12 +479,17 @@ impl Gateway {
         violations
     }
 
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
 
+    /// The file the child's stdout and stderr go to.
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The last `lines` lines of the child's output.
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
