@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) table: Arc<ConnectionTable>,
     pub(crate) auth: Authenticator,
     pub(crate) metrics: Metrics,
+    /// The next connection id; see [`first_conn_id`].
     next_conn: AtomicU64,
     /// Connection tasks.
     connections: TaskTracker,
@@ -116,7 +117,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         gateway,
         table,
         metrics: Metrics::default(),
-        next_conn: AtomicU64::new(1),
+        next_conn: AtomicU64::new(first_conn_id()),
         connections: TaskTracker::new(),
         requests: TaskTracker::new(),
         stopping: CancellationToken::new(),
@@ -413,6 +414,19 @@ fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) ->
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// The first connection id of this process: its start time in unix ms,
+/// times 1000. Plugins persist connection ids (the bncr store keeps the
+/// connection holding each lease so that a client survives an in-process
+/// restart); ids counted from 1 in every process let a lease restored after
+/// a crash name whichever new connection got the same id. Ids stay below
+/// 2^53, so JSON clients read them exactly.
+fn first_conn_id() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms.saturating_mul(1000).max(1)
 }
 
 async fn run_connection<S>(shared: Arc<Shared>, ws: WebSocketStream<S>, peer: SocketAddr)
