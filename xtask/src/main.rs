@@ -152,6 +152,9 @@ struct RestartLatencyArgs {
     /// `--log-level` for ws-proxy (e.g. `debug` to see restart phases).
     #[arg(long)]
     log_level: Option<String>,
+    /// `--config` for ws-proxy (e.g. to disable a built-in plugin).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Copy ws-proxy's output to this file at the end.
     #[arg(long)]
     keep_log: Option<std::path::PathBuf>,
@@ -197,6 +200,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 release: args.release,
                 binary: args.binary,
                 log_level: args.log_level,
+                config: args.config,
                 keep_log: args.keep_log,
             };
             Ok(if restart_latency::run(&config, args.json)? {

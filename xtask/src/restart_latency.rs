@@ -50,6 +50,8 @@ pub(crate) struct RestartLatencyConfig {
     pub(crate) binary: Option<PathBuf>,
     /// `--log-level` passed to ws-proxy.
     pub(crate) log_level: Option<String>,
+    /// `--config` passed to ws-proxy.
+    pub(crate) config: Option<PathBuf>,
     /// Copy ws-proxy's output here at the end.
     pub(crate) keep_log: Option<PathBuf>,
 }
@@ -211,6 +213,9 @@ async fn measure(
     let mut args: Vec<OsString> = vec!["--plugin-dir".into(), plugin_dir.into()];
     if let Some(level) = &config.log_level {
         args.extend(["--log-level".into(), level.into()]);
+    }
+    if let Some(file) = &config.config {
+        args.extend(["--config".into(), file.into()]);
     }
     let mut gateway = Gateway::start_with(binary, &args).await?;
     let result = measure_running(&gateway, config).await;
