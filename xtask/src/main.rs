@@ -3,6 +3,7 @@
 //! restart soak against the ws-proxy binary.
 #![allow(clippy::print_stdout)]
 
+mod bncr_throughput;
 mod ci;
 mod client;
 mod echo;
@@ -40,6 +41,8 @@ enum Command {
     Soak(SoakArgs),
     /// SIGUSR1 restart latency (signal to new generation serving) and RSS.
     RestartLatency(RestartLatencyArgs),
+    /// Bncr bridge throughput: operator `send` -> client push -> `bncr.ack`.
+    BncrThroughput(BncrThroughputArgs),
 }
 
 /// Auth and scopes presented in `connect`.
@@ -163,6 +166,29 @@ struct RestartLatencyArgs {
     json: bool,
 }
 
+/// Flags of `bncr-throughput`.
+#[derive(Debug, Args)]
+struct BncrThroughputArgs {
+    /// Messages the operator sends.
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
+    /// The bridge's `window` (messages pushed per account before an ack).
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// `send` requests the operator keeps in flight.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Build and run the release binary.
+    #[arg(long)]
+    release: bool,
+    /// Run this ws-proxy binary instead of building one.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
@@ -208,6 +234,22 @@ fn run(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::BncrThroughput(args) => {
+            let config = bncr_throughput::ThroughputConfig {
+                messages: args.messages,
+                window: args.window,
+                inflight: args.inflight,
+                release: args.release,
+                binary: args.binary,
+            };
+            let report = bncr_throughput::run(&config)?;
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                report.print();
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
