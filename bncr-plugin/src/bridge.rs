@@ -276,13 +276,20 @@ impl Bridge {
             let mut st = self.state();
             for l in &restored.leases {
                 let acc = st.accounts.entry(l.account_id.clone()).or_default();
-                if let Some(c) = l.conn_id {
-                    acc.conns.insert(ConnId(c));
+                // A lease restored after a crash names a connection of the
+                // dead process: keep the lease (the client may resume it) but
+                // only as online if the host still has that connection.
+                let conn = l
+                    .conn_id
+                    .map(ConnId)
+                    .filter(|c| self.events.is_connected(*c));
+                if let Some(c) = conn {
+                    acc.conns.insert(c);
                 }
                 acc.lease = Some(Lease {
                     lease_id: l.lease_id.clone(),
                     epoch: l.epoch,
-                    conn: l.conn_id.map(ConnId),
+                    conn,
                     client_id: l.client_id.clone(),
                     accepted_at: l.accepted_at,
                 });

@@ -33,6 +33,14 @@ pub trait EventTransport: Send + Sync + 'static {
     fn connection_count(&self) -> usize {
         0
     }
+
+    /// Whether `conn` is an open, authenticated connection. Plugins restoring
+    /// durable state (which may name connections of a crashed process) ask
+    /// this instead of guessing.
+    fn is_connected(&self, conn: ConnId) -> bool {
+        let _ = conn;
+        false
+    }
 }
 
 /// A transport that delivers nowhere; for tests and headless embedding.
@@ -146,6 +154,11 @@ impl EventSink {
     ) -> Result<usize, EventError> {
         let ev = self.prepare(event, payload)?;
         Ok(self.transport.broadcast(required_scope, &ev))
+    }
+
+    /// Whether `conn` is open now (see [`EventTransport::is_connected`]).
+    pub fn is_connected(&self, conn: ConnId) -> bool {
+        self.transport.is_connected(conn)
     }
 
     /// The plugin this sink belongs to.

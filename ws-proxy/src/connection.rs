@@ -288,6 +288,10 @@ impl EventTransport for ConnectionTable {
     fn connection_count(&self) -> usize {
         self.conns.len()
     }
+
+    fn is_connected(&self, conn: ConnId) -> bool {
+        self.conns.contains_key(&conn.0)
+    }
 }
 
 #[cfg(test)]

@@ -391,9 +391,10 @@ async fn crash_with_a_client_connected_does_not_push_to_a_reused_connection_id()
         "the operator received a push meant for the Bncr client: {:?}",
         op.events
     );
-    // Known limit: until a push finds the old connection gone, diagnostics
-    // still call the crashed process's lease holder online.
+    // The lease survived the crash, but its connection belonged to the dead
+    // process: diagnostics say offline from the start, not after a failed push.
     assert_eq!(diag["accounts"][0]["lease"]["connectionEpoch"], 1, "{diag}");
+    assert_eq!(diag["accounts"][0]["online"], false, "{diag}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

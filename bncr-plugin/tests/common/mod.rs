@@ -48,6 +48,9 @@ impl EventTransport for Transport {
         });
         1
     }
+    fn is_connected(&self, conn: ConnId) -> bool {
+        self.connected.lock().unwrap().contains(&conn.0)
+    }
 }
 
 impl Transport {
