@@ -5,6 +5,9 @@
 //! - `registry/gateway_lookup/{1,2}_threads`: the real dispatch path's lookup,
 //!   `Gateway::current()` (an atomic pointer read plus a reference count) and
 //!   `RestartScope::registry().get(name)`.
+//! - `registry/gateway_admit/{1,2}_threads`: what `Gateway::dispatch` really
+//!   does before calling the handler: `Gateway::admit()` (pointer read, the
+//!   generation's admission counter) and the lookup, then the release.
 //! - `registry/get/{1,2}_threads`: `Registry::get` alone on a shared
 //!   `Arc<Registry>` built with `RegistryBuilder`.
 //!
@@ -28,6 +31,12 @@ const NAME: &str = "p1.m5";
 fn gateway_lookup(gateway: &Gateway, name: &str) -> bool {
     let scope = gateway.current();
     black_box(scope.registry().get(name)).is_some()
+}
+
+/// Admission plus lookup, as `Gateway::dispatch` does them.
+fn gateway_admit(gateway: &Gateway, name: &str) -> bool {
+    let admitted = gateway.admit().expect("gateway is serving");
+    black_box(admitted.scope().registry().get(name)).is_some()
 }
 
 /// Run `op` `iters` times on each of `threads` threads started together;
@@ -79,6 +88,7 @@ fn registry(c: &mut Criterion) {
     let gateway = runtime.block_on(benches::start_gateway(plugins()));
     assert_eq!(gateway.current().registry().method_names().len(), 36);
     assert!(gateway_lookup(&gateway, NAME) && gateway_lookup(&gateway, TRIVIAL));
+    assert!(gateway_admit(&gateway, NAME));
     let registry = registry_of(&plugins());
     assert!(registry.get(NAME).is_some());
 
@@ -93,6 +103,13 @@ fn registry(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 on_threads(threads, iters, || {
                     gateway_lookup(black_box(&gateway), black_box(NAME))
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("gateway_admit", &id), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, || {
+                    gateway_admit(black_box(&gateway), black_box(NAME))
                 })
             })
         });
