@@ -82,6 +82,10 @@ where
                 refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
                 return None;
             }
+            Err(tungstenite::Error::Io(e)) if crate::preauth::is_exceeded(&e) => {
+                refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
+                return None;
+            }
             Err(_) => return None,
         }
     };

@@ -16,6 +16,7 @@ pub mod config;
 mod connection;
 mod handshake;
 mod metrics;
+mod preauth;
 mod server;
 pub mod signals;
 

@@ -5,6 +5,7 @@ use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::connection::{ConnectionTable, Outbox, run_writer};
 use crate::metrics::Metrics;
+use crate::preauth::{PreauthBudget, PreauthCap};
 use futures::StreamExt;
 use gateway_core::frame::encode_response;
 use gateway_core::{BuildError, Catalog, Gateway, GatewayOptions, PluginPhase, RestartConnections};
@@ -394,13 +395,16 @@ fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) ->
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(limits.max_payload))
                     .max_frame_size(Some(limits.max_payload));
+                // Twice the pre-auth frame cap: room for frame headers and a
+                // request pipelined right behind `connect`, never a large frame.
+                let budget = PreauthBudget::new(2 * crate::config::PREAUTH_MAX_PAYLOAD);
                 let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    PreauthCap::new(TokioIo::new(upgraded), budget.clone()),
                     WsRole::Server,
                     Some(config),
                 )
                 .await;
-                run_connection(shared, ws, peer).await;
+                run_connection(shared, ws, peer, budget).await;
             }
             Err(e) => debug!(%peer, error = %e, "websocket upgrade failed"),
         }
@@ -429,8 +433,12 @@ fn first_conn_id() -> u64 {
     ms.saturating_mul(1000).max(1)
 }
 
-async fn run_connection<S>(shared: Arc<Shared>, ws: WebSocketStream<S>, peer: SocketAddr)
-where
+async fn run_connection<S>(
+    shared: Arc<Shared>,
+    ws: WebSocketStream<S>,
+    peer: SocketAddr,
+    budget: PreauthBudget,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
@@ -454,6 +462,7 @@ where
         }
     };
     if let Some((info, generation)) = admitted {
+        budget.lift();
         shared.table.insert(info.clone(), outbox.clone());
         let scope = shared.gateway.current();
         if scope.generation() != generation {

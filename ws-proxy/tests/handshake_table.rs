@@ -237,6 +237,46 @@ async fn oversized_preauth_frame_closes_1009() {
 }
 
 #[tokio::test]
+async fn a_huge_preauth_frame_is_refused_before_it_is_buffered() {
+    // A frame header announcing 8 MiB (under maxPayload, 25 MiB, so the
+    // WebSocket layer's own limit would wait for all of it), followed by
+    // only 200 KiB. The pre-auth byte budget must close 1009 at once, not
+    // wait for the rest (which would end in a 1008 handshake timeout).
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&[]).await;
+    let mut c = Client::open(&s.url()).await;
+    let ch = c.next_frame().await.expect("challenge");
+    assert_eq!(ch["event"], "connect.challenge");
+    let announced: u64 = 8 * 1024 * 1024;
+    let mut frame = vec![0x81u8, 0x80 | 127];
+    frame.extend_from_slice(&announced.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // mask key 0: payload as is
+    frame.extend(std::iter::repeat_n(b'x', 200 * 1024));
+    let raw = match c.ws.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp,
+        _ => unreachable!("plain TCP in tests"),
+    };
+    let started = std::time::Instant::now();
+    let _ = raw.write_all(&frame).await;
+    let (frames, closed) = c.until_closed().await;
+    assert!(frames.is_empty(), "{frames:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "closed promptly"
+    );
+    match closed.code {
+        Some(code) => {
+            assert_eq!(code, 1009);
+            assert_eq!(closed.reason, "preauth payload too large");
+        }
+        // The kernel may reset the socket under unread bytes first.
+        None => assert!(closed.reason.contains("reset"), "{}", closed.reason),
+    }
+    let (mut ok, _) = Client::admin(&s.url()).await;
+    assert_eq!(ok.call("health", json!({})).await["ok"], true);
+}
+
+#[tokio::test]
 async fn no_connect_within_the_timeout_closes_1008() {
     let s = Server::with_config("[limits]\nhandshake_timeout_ms = 300\n", &[]).await;
     let mut c = Client::open(&s.url()).await;
