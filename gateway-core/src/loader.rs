@@ -461,7 +461,7 @@ fn validate_config(
         message: format!("invalid config schema: {e}"),
     })?;
     if let Some(err) = validator.iter_errors(config).next() {
-        let pointer = err.instance_path.to_string();
+        let pointer = err.instance_path().to_string();
         let field = pointer
             .split('/')
             .filter(|s| !s.is_empty())
