@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -152,7 +152,8 @@ pub(crate) struct Inner {
     options: GatewayOptions,
     coordinator: Coordinator,
     live_scopes: Arc<AtomicUsize>,
-    in_flight: AtomicUsize,
+    /// The generation being drained by a running restart, for `stats`.
+    draining: Mutex<Weak<RestartScope>>,
     restarts_ok: AtomicU64,
     restart_micros_sum: AtomicU64,
     restarts_failed: AtomicU64,
@@ -177,14 +178,6 @@ impl fmt::Debug for Gateway {
     }
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Gateway {
     /// Build generation 1 and start its services. Fails if the first build
     /// fails: there is no older generation to keep serving.
@@ -199,7 +192,7 @@ impl Gateway {
             options,
             coordinator: Coordinator::default(),
             live_scopes,
-            in_flight: AtomicUsize::new(0),
+            draining: Mutex::new(Weak::new()),
             restarts_ok: AtomicU64::new(0),
             restart_micros_sum: AtomicU64::new(0),
             restarts_failed: AtomicU64::new(0),
@@ -240,8 +233,10 @@ impl Gateway {
     /// read instead. Fails only while the gateway is stopping.
     pub fn admit(&self) -> Result<Admitted, RpcError> {
         loop {
-            let scope = self.inner.current.load_full();
-            if let Some(a) = scope.try_admit() {
+            // A guard, not a clone: the only reference count taken is the
+            // one the admitted request keeps.
+            let scope = self.inner.current.load();
+            if let Some(a) = RestartScope::try_admit(&scope) {
                 return Ok(a);
             }
             if self.inner.closing.load(Ordering::SeqCst)
@@ -260,8 +255,6 @@ impl Gateway {
         method: &str,
         params: Params,
     ) -> MethodResult {
-        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _count = InFlight(&self.inner.in_flight);
         let admitted = self.admit()?;
         let scope = admitted.scope();
         let Some(entry) = scope.registry().get(method) else {
@@ -378,7 +371,10 @@ impl Gateway {
         let old = self.inner.current.swap(new.clone());
         let (methods_added, methods_removed) = diff_methods(&old, &new);
         let plugins = plugin_reports(&old, &new);
+        *lock(&self.inner.draining) = Arc::downgrade(&old);
         let shutdown = old.shutdown(new.timings().drain_timeout()).await;
+        // Under the lock: a concurrent `stats` has released its upgrade.
+        *lock(&self.inner.draining) = Weak::new();
         let old_weak = Arc::downgrade(&old);
         drop(old);
         if old_weak.strong_count() > 0 {
@@ -479,7 +475,8 @@ impl Gateway {
             restarts_ok: i.restarts_ok.load(Ordering::Relaxed),
             restarts_failed: i.restarts_failed.load(Ordering::Relaxed),
             restart_seconds_sum: i.restart_micros_sum.load(Ordering::Relaxed) as f64 / 1e6,
-            in_flight: i.in_flight.load(Ordering::Relaxed),
+            in_flight: i.current.load().in_flight()
+                + lock(&i.draining).upgrade().map_or(0, |s| s.in_flight()),
             last_restart: lock(&i.last_restart).clone(),
             uptime: i.started_at.elapsed(),
         }
