@@ -141,6 +141,24 @@ struct Push {
     file: Option<String>,
 }
 
+/// Empty the transfer spool, touching the file system only when needed.
+fn reset_spool(spool: &Path) -> Result<(), store::StoreError> {
+    let err = |e: std::io::Error| store::StoreError(format!("{}: {e}", spool.display()));
+    match std::fs::read_dir(spool) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                std::fs::remove_dir_all(spool).map_err(err)?;
+                std::fs::create_dir_all(spool).map_err(err)?;
+            }
+            Ok(())
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(spool);
+            std::fs::create_dir_all(spool).map_err(err)
+        }
+    }
+}
+
 /// The per-generation bridge.
 pub(crate) struct Bridge {
     pub(crate) cfg: Config,
@@ -247,27 +265,22 @@ impl Bridge {
     pub(crate) async fn start(self: &Arc<Self>) -> Result<(), String> {
         let path = self.root.join("bncr.sqlite3");
         let files = self.root.join("files");
-        let opened = tokio::task::spawn_blocking(move || {
-            let (store, conn) = Store::open(&path)?;
-            let restored = store::restore(&conn)?;
-            store.spawn(conn)?;
+        // Open, migrate and restore in one hand-off to the store thread.
+        let (store, restored) = Store::open(&path, move |conn| {
+            let restored = store::restore(conn)?;
             // Spools of transfers cut by the previous generation are useless.
-            let _ = std::fs::remove_dir_all(files.join("spool"));
-            std::fs::create_dir_all(files.join("spool"))
-                .map_err(|e| store::StoreError(format!("{}: {e}", files.display())))?;
-            Ok::<_, store::StoreError>((store, restored))
+            reset_spool(&files.join("spool"))?;
+            Ok(restored)
         })
         .await
-        .map_err(|e| format!("bncr store open panicked: {e}"))?
         .map_err(|e| format!("bncr store open failed: {e}"))?;
-        let (store, restored) = opened;
         let mut spare = Some(store);
         self.store
             .get_or_init(|| spare.take().expect("taken once"))
             .map_err(|e| e.to_string())?;
         if let Some(extra) = spare {
             // Started twice in one generation: keep the first store.
-            let _ = tokio::task::spawn_blocking(move || extra.close()).await;
+            extra.close().await;
             return Err("bncr store already opened in this generation".into());
         }
         let now = Instant::now();
@@ -373,16 +386,13 @@ impl Bridge {
             .ok()
             .flatten()
             .map(|s| s.path().to_path_buf());
-        let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            // Queued writes finish before the thread closes the database.
-            // (If the generation already retired the handle refuses; dropping
-            // the bridge then drops the sender and the thread closes itself.)
-            if let Ok(Some(s)) = me.store.get() {
-                s.close();
-            }
-        })
-        .await;
+        // Queued writes finish before the thread closes the database; this
+        // returns once it is closed. (If the generation already retired the
+        // handle refuses; dropping the bridge then drops the sender and the
+        // thread closes the database by itself.)
+        if let Ok(Some(s)) = self.store.get() {
+            s.close().await;
+        }
         tracing::info!(
             generation = self.life.generation(),
             pending,
