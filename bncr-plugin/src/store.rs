@@ -6,10 +6,9 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The newest schema version this code knows.
 pub(crate) const SCHEMA_VERSION: i64 = 1;
@@ -51,10 +50,47 @@ const IDLE_CHECKPOINT: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Store {
     path: PathBuf,
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
-    /// Fires (by being dropped) once the thread closed the database.
-    closed: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// What the store thread and the handle share. Lock order: `queue`, then
+/// `conn`. A job is popped and `conn` locked under one `queue` lock, so a
+/// closer that takes the remaining jobs runs them after the one in hand.
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+/// Run blocking `f` without a thread hand-off when the runtime allows it
+/// (multi-thread: `block_in_place`), else on the blocking pool.
+async fn blocking<R, F>(f: F) -> Result<R, StoreError>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            Ok(tokio::task::block_in_place(f))
+        }
+        Ok(_) => tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError(format!("store task: {e}"))),
+        Err(_) => Ok(f()),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -88,55 +124,36 @@ fn checkpoint(conn: &Connection) {
 }
 
 impl Store {
-    /// Start the store thread: it opens (creating and migrating) the
-    /// database at `path`, runs `init` on it (restoring state), reports
-    /// back, then serves jobs. One hand-off each way; nothing blocks the
-    /// caller's async worker.
+    /// Open (creating and migrating) the database at `path`, run `init` on
+    /// it (restoring state), then hand the connection to a new store thread
+    /// that serves jobs. The caller's thread does the opening, so nothing
+    /// waits for another thread to be scheduled.
     pub(crate) async fn open<R, F>(path: &Path, init: F) -> Result<(Store, R), StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let db = path.to_path_buf();
-        let handle = std::thread::Builder::new()
+        let (conn, r) = blocking(move || {
+            let mut conn = open_connection(&db)?;
+            let r = init(&mut conn)?;
+            Ok::<_, StoreError>((conn, r))
+        })
+        .await??;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            conn: Mutex::new(Some(conn)),
+        });
+        let s2 = shared.clone();
+        std::thread::Builder::new()
             .name("bncr-store".into())
-            .spawn(move || {
-                let mut conn = match open_connection(&db) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                match init(&mut conn) {
-                    Ok(r) => {
-                        if ready_tx.send(Ok(r)).is_err() {
-                            drop(conn);
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        drop(conn);
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                }
-                serve(conn, &rx);
-                drop(closed_tx);
-            })
+            .spawn(move || serve(&s2))
             .map_err(|e| StoreError(format!("store thread: {e}")))?;
-        let r = ready_rx
-            .await
-            .map_err(|_| StoreError("store thread died while opening".into()))??;
         Ok((
             Store {
                 path: path.to_path_buf(),
-                tx: Mutex::new(Some(tx)),
-                closed: Mutex::new(Some(closed_rx)),
-                thread: Mutex::new(Some(handle)),
+                shared,
             },
             r,
         ))
@@ -149,7 +166,7 @@ impl Store {
 
     /// Whether the store accepts work.
     pub(crate) fn is_open(&self) -> bool {
-        lock(&self.tx).is_some()
+        !lock(&self.shared.queue).closed
     }
 
     /// Run `f` on the store thread and wait for its result.
@@ -183,55 +200,117 @@ impl Store {
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        let guard = lock(&self.tx);
-        let tx = guard
-            .as_ref()
-            .ok_or_else(|| StoreError("store is not open".into()))?;
-        tx.send(job)
-            .map_err(|_| StoreError("store thread has exited".into()))
+        let mut q = lock(&self.shared.queue);
+        if q.closed {
+            return Err(StoreError("store is not open".into()));
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.shared.ready.notify_one();
+        Ok(())
     }
 
-    /// Stop accepting work, let queued jobs finish, close the database, and
-    /// wait for that without blocking a worker: when this returns the
-    /// database is closed. Idempotent.
+    /// Stop accepting work, run the jobs still queued, close the database.
+    /// Done on the caller's thread (after any job the store thread is
+    /// running), so it waits for no other thread to be scheduled; when this
+    /// returns the database is closed. Idempotent.
     pub(crate) async fn close(&self) {
-        drop(lock(&self.tx).take());
-        let closed = lock(&self.closed).take();
-        if let Some(rx) = closed {
-            // Err: the sender was dropped, which is the signal.
-            let _ = rx.await;
+        let shared = self.shared.clone();
+        let _ = blocking(move || shared.close_now()).await;
+    }
+}
+
+impl Shared {
+    fn close_now(&self) {
+        let rest = {
+            let mut q = lock(&self.queue);
+            q.closed = true;
+            std::mem::take(&mut q.jobs)
+        };
+        self.ready.notify_one();
+        let conn = {
+            let mut c = lock(&self.conn);
+            if let Some(conn) = c.as_mut() {
+                for job in rest {
+                    run(job, conn);
+                }
+            }
+            c.take()
+        };
+        if let Some(conn) = conn {
+            close_connection(conn);
         }
-        // The thread only returns from here on; no need to wait for it.
-        drop(lock(&self.thread).take());
+    }
+}
+
+impl Drop for Store {
+    /// Without [`Store::close`] (a generation dropped without stopping):
+    /// the store thread finishes the queue and closes the database.
+    fn drop(&mut self) {
+        lock(&self.shared.queue).closed = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+/// Run one job; a panicking job is logged and does not take the store
+/// down with it.
+fn run(job: Job, conn: &mut Connection) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))).is_err() {
+        tracing::error!("bncr store job panicked");
+    }
+}
+
+fn close_connection(conn: Connection) {
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "bncr store close failed");
     }
 }
 
 /// The store thread's loop: run jobs in order; checkpoint when idle after
-/// writes; close the database when every sender is gone.
-fn serve(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
-    let mut checkpointed_at = conn.total_changes();
+/// writes; once closed and drained, close the database unless a closer
+/// already took it.
+fn serve(shared: &Shared) {
+    let mut checkpointed_at = lock(&shared.conn).as_ref().map(Connection::total_changes);
+    let mut dirty = false;
+    let mut q = lock(&shared.queue);
     loop {
-        let dirty = conn.total_changes() != checkpointed_at;
-        let job = if dirty {
-            match rx.recv_timeout(IDLE_CHECKPOINT) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    checkpoint(&conn);
-                    checkpointed_at = conn.total_changes();
-                    continue;
+        if let Some(job) = q.jobs.pop_front() {
+            let mut c = lock(&shared.conn);
+            drop(q);
+            if let Some(conn) = c.as_mut() {
+                run(job, conn);
+                dirty = Some(conn.total_changes()) != checkpointed_at;
+            }
+            drop(c);
+            q = lock(&shared.queue);
+            continue;
+        }
+        if q.closed {
+            break;
+        }
+        if dirty {
+            let (guard, timeout) = shared
+                .ready
+                .wait_timeout(q, IDLE_CHECKPOINT)
+                .unwrap_or_else(|e| e.into_inner());
+            q = guard;
+            if timeout.timed_out() && q.jobs.is_empty() && !q.closed {
+                drop(q);
+                if let Some(conn) = lock(&shared.conn).as_ref() {
+                    checkpoint(conn);
+                    checkpointed_at = Some(conn.total_changes());
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                dirty = false;
+                q = lock(&shared.queue);
             }
         } else {
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => break,
-            }
-        };
-        job(&mut conn);
+            q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
     }
-    if let Err((_, e)) = conn.close() {
-        tracing::warn!(error = %e, "bncr store close failed");
+    drop(q);
+    let conn = lock(&shared.conn).take();
+    if let Some(conn) = conn {
+        close_connection(conn);
     }
 }
 
