@@ -826,3 +826,142 @@ mod timing {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+mod crash_tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    const CHILD_ENV: &str = "BNCR_KILL9_CHILD";
+
+    fn outbox_row(i: usize) -> OutboxRow {
+        OutboxRow {
+            seq: 0,
+            message_id: format!("m{i}"),
+            account_id: "Primary".into(),
+            session_key: "s".into(),
+            payload: serde_json::json!({"msg": format!("hello {i}")}),
+            attempts: 0,
+            created_at: 1,
+        }
+    }
+
+    /// The child: write through the store like the bridge does, say so,
+    /// then wait to be killed with the database open.
+    fn child(path: PathBuf) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (store, _) = Store::open(&path, |c| restore(c)).await.unwrap();
+            for i in 0..5 {
+                store
+                    .call(move |c| insert_outbox(c, &format!("k{i}"), outbox_row(i)))
+                    .await
+                    .unwrap();
+            }
+            let key = InboundKey {
+                account_id: "Primary".into(),
+                platform: "qq".into(),
+                group_id: "0".into(),
+                user_id: "1".into(),
+                msg_id: "in-1".into(),
+            };
+            let fresh = store
+                .call(move |c| journal_inbound(c, &key, &serde_json::json!({"msg": "hi"}), 1))
+                .await
+                .unwrap();
+            assert!(fresh);
+            let mut out = std::io::stdout().lock();
+            std::io::Write::write_all(&mut out, b"bncr-kill9: written\n").unwrap();
+            std::io::Write::flush(&mut out).unwrap();
+            drop(out);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+        });
+    }
+
+    /// Jobs still queued when `close` is called run, in order, before the
+    /// database closes; work submitted after close is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_runs_queued_jobs_then_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let (store, _) = Store::open(&path, |c| restore(c)).await.unwrap();
+        for i in 0..50 {
+            store.enqueue("test insert", move |c| {
+                insert_outbox(c, &format!("k{i}"), outbox_row(i)).map(|_| ())
+            });
+        }
+        store.close().await;
+        assert!(!store.is_open());
+        assert!(store.call(|_| Ok(())).await.is_err());
+        let (again, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+        let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.clone()).collect();
+        let want: Vec<_> = (0..50).map(|i| format!("m{i}")).collect();
+        assert_eq!(ids, want);
+        again.close().await;
+        // Current schema: opening again is read-only.
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(c);
+        let err = Store::open(&path, |c| restore(c)).await.unwrap_err();
+        assert!(err.0.contains("newer"), "{err}");
+    }
+
+    /// Writes acknowledged by the store survive SIGKILL of the process that
+    /// holds the database open: no clean close, no checkpoint, only the
+    /// fsynced WAL.
+    #[test]
+    fn acknowledged_writes_survive_kill_9() {
+        if let Some(path) = std::env::var_os(CHILD_ENV) {
+            child(PathBuf::from(path));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let mut proc = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::crash_tests::acknowledged_writes_survive_kill_9",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, &path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(proc.stdout.take().unwrap());
+        let mut written = false;
+        for line in out.lines() {
+            if line.unwrap().contains("bncr-kill9: written") {
+                written = true;
+                break;
+            }
+        }
+        proc.kill().unwrap(); // SIGKILL
+        let _ = proc.wait();
+        assert!(written, "child did not report its writes");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (store, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+            let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.as_str()).collect();
+            assert_eq!(ids, ["m0", "m1", "m2", "m3", "m4"]);
+            assert_eq!(r.inbound_pending.len(), 1);
+            assert_eq!(r.inbound_pending[0].key.msg_id, "in-1");
+            store.close().await;
+        });
+    }
+}
