@@ -222,22 +222,22 @@ impl Store {
 
 impl Shared {
     fn close_now(&self) {
-        let rest = {
+        // Under the queue lock (lock order: queue, then conn): mark closed,
+        // take the queued jobs and the connection together, so the store
+        // thread can neither pick up a later job nor close the connection
+        // with jobs still to run. Taking `conn` waits for a job in hand.
+        let (rest, conn) = {
             let mut q = lock(&self.queue);
             q.closed = true;
-            std::mem::take(&mut q.jobs)
+            let rest = std::mem::take(&mut q.jobs);
+            let conn = lock(&self.conn).take();
+            (rest, conn)
         };
         self.ready.notify_one();
-        let conn = {
-            let mut c = lock(&self.conn);
-            if let Some(conn) = c.as_mut() {
-                for job in rest {
-                    run(job, conn);
-                }
+        if let Some(mut conn) = conn {
+            for job in rest {
+                run(job, &mut conn);
             }
-            c.take()
-        };
-        if let Some(conn) = conn {
             close_connection(conn);
         }
     }
@@ -904,6 +904,18 @@ mod crash_tests {
         let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.clone()).collect();
         let want: Vec<_> = (0..50).map(|i| format!("m{i}")).collect();
         assert_eq!(ids, want);
+        again.close().await;
+        // Close right after an enqueue, many times: the job always runs
+        // before the database closes.
+        for i in 50..150 {
+            let (s, _) = Store::open(&path, |_| Ok(())).await.unwrap();
+            s.enqueue("test insert", move |c| {
+                insert_outbox(c, &format!("k{i}"), outbox_row(i)).map(|_| ())
+            });
+            s.close().await;
+        }
+        let (again, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+        assert_eq!(r.outbox.len(), 150);
         again.close().await;
         // Current schema: opening again is read-only.
         let c = Connection::open(&path).unwrap();
