@@ -1,8 +1,19 @@
-//! The durable store: one SQLite database owned by a dedicated thread.
+//! The durable store: one SQLite database served by a dedicated thread.
 //!
-//! Every query runs on the store thread, so no async worker ever blocks on
-//! SQLite. Jobs run in the order they were submitted; fire-and-forget writes
-//! ([`Store::enqueue`]) therefore land before any later awaited job.
+//! Every query of a running generation runs on the store thread, so no
+//! async worker blocks on SQLite. Jobs run in the order they were
+//! submitted; fire-and-forget writes ([`Store::enqueue`]) therefore land
+//! before any later awaited job. Open (with restore) and close, the two
+//! steps on the restart path, run on the restarting task's own thread
+//! (`block_in_place`) so a restart never waits for another thread to be
+//! scheduled.
+//!
+//! Durability: `synchronous=FULL` in WAL mode, so a commit is fsynced
+//! before its caller hears back (`send` returns, `accepted:true`) and
+//! survives kill -9 and power loss. FULL is kept because the restart path
+//! commits nothing: an open at the current schema only reads, and close
+//! does not checkpoint. NORMAL would only speed up per-message writes, at
+//! the price of the last commits on power loss.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
