@@ -6,6 +6,7 @@
 mod bncr_throughput;
 mod ci;
 mod client;
+mod compare;
 mod echo;
 mod load;
 mod process;
@@ -43,6 +44,25 @@ enum Command {
     RestartLatency(RestartLatencyArgs),
     /// Bncr bridge throughput: operator `send` -> client push -> `bncr.ack`.
     BncrThroughput(BncrThroughputArgs),
+    /// ws-proxy vs echo-baseline `health` throughput, in one run (release).
+    Compare(CompareArgs),
+}
+
+/// Flags of `compare`.
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Connection shapes, CONNSxINFLIGHT.
+    #[arg(long, value_delimiter = ',', default_value = "1x1,64x1,64x16", value_parser = compare::parse_shape)]
+    shapes: Vec<(usize, usize)>,
+    /// Load window per measurement.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Alternating rounds per shape.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Auth and scopes presented in `connect`.
@@ -250,6 +270,19 @@ fn run(command: Command) -> Result<ExitCode> {
                 report.print();
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare(args) => {
+            let config = compare::CompareConfig {
+                shapes: args.shapes,
+                duration: args.duration,
+                rounds: args.rounds.max(1),
+                json: args.json,
+            };
+            Ok(if runtime()?.block_on(compare::run(&config))? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
