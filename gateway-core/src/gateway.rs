@@ -223,6 +223,12 @@ impl Gateway {
         self.inner.current.load().features().clone()
     }
 
+    /// Whether the current generation dispatches `method` (for bounded
+    /// metric labels; a request itself is answered by the scope that admits it).
+    pub fn dispatches(&self, method: &str) -> bool {
+        self.inner.current.load().registry().get(method).is_some()
+    }
+
     /// Generation numbers as they start serving; for `gateway.generation` events.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.serving.subscribe()

@@ -167,43 +167,65 @@ pub(crate) async fn run_writer<S>(
 {
     let mut seq: u64 = 0;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    // Registered once, not once per frame.
+    let abort = outbox.abort.cancelled();
+    let closed = outbox.closed.cancelled();
+    tokio::pin!(abort, closed);
     loop {
-        let msg = tokio::select! {
+        let first = tokio::select! {
             biased;
-            _ = outbox.abort.cancelled() => break,
-            _ = outbox.closed.cancelled() => break,
+            () = &mut abort => break,
+            () = &mut closed => break,
             item = rx.rx.recv() => match item {
                 None => break,
-                Some(item) => {
-                    let cost = item.cost();
-                    outbox.buffered.fetch_sub(cost, Ordering::AcqRel);
-                    match item {
-                        Outgoing::Frame(s) => Message::text(s),
-                        Outgoing::Event(name, payload) => {
-                            seq += 1;
-                            Message::text(encode_event(&name, Some(&payload), Some(seq)))
-                        }
-                        Outgoing::Close(code, reason) => {
-                            let _ = tokio::time::timeout(
-                                CLOSE_WRITE_TIMEOUT,
-                                sink.send(close_message(code, &reason)),
-                            )
-                            .await;
-                            debug!(code, reason = %reason, "close frame sent");
-                            outbox.closed.cancel();
-                            return;
-                        }
-                    }
-                }
+                Some(item) => Some(item),
             },
-            _ = ping.tick() => Message::Ping(Vec::new().into()),
+            _ = ping.tick() => None,
+        };
+        // Write the first item and whatever else is already queued, then
+        // flush once: one write for a burst of pipelined responses.
+        let mut close = None;
+        let batch = async {
+            let mut next = first;
+            for _ in 0..MAX_BATCH {
+                let Some(item) = next else {
+                    sink.feed(Message::Ping(Vec::new().into())).await?;
+                    break;
+                };
+                outbox.buffered.fetch_sub(item.cost(), Ordering::AcqRel);
+                let msg = match item {
+                    Outgoing::Frame(s) => Message::text(s),
+                    Outgoing::Event(name, payload) => {
+                        seq += 1;
+                        Message::text(encode_event(&name, Some(&payload), Some(seq)))
+                    }
+                    Outgoing::Close(code, reason) => {
+                        close = Some((code, reason));
+                        break;
+                    }
+                };
+                sink.feed(msg).await?;
+                match rx.rx.try_recv() {
+                    Ok(item) => next = Some(item),
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
         };
         let sent = tokio::select! {
             biased;
-            _ = outbox.abort.cancelled() => break,
-            r = sink.send(msg) => r.is_ok(),
+            () = &mut abort => break,
+            r = batch => r.is_ok(),
         };
         if !sent {
+            outbox.closed.cancel();
+            return;
+        }
+        if let Some((code, reason)) = close {
+            let _ =
+                tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, &reason)))
+                    .await;
+            debug!(code, reason = %reason, "close frame sent");
             outbox.closed.cancel();
             return;
         }
@@ -220,6 +242,9 @@ pub(crate) async fn run_writer<S>(
     }
     outbox.closed.cancel();
 }
+
+/// Most frames written between two flushes.
+const MAX_BATCH: usize = 64;
 
 /// An authenticated connection as the table sees it.
 #[derive(Debug)]

@@ -15,10 +15,25 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Outcome labels of `gateway_requests_total`, in counter order.
+const OUTCOMES: [&str; 8] = [
+    "ok",
+    "busy",
+    "invalid_request",
+    "forbidden",
+    "unavailable",
+    "not_paired",
+    "agent_timeout",
+    "approval_not_found",
+];
+
+/// Per method: one counter per outcome.
+type OutcomeCounters = [AtomicU64; OUTCOMES.len()];
+
 /// Process-lifetime metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: DashMap<(String, &'static str), AtomicU64>,
+    requests: DashMap<String, OutcomeCounters>,
     buckets: Vec<AtomicU64>,
     duration_count: AtomicU64,
     duration_micros: AtomicU64,
@@ -37,14 +52,16 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Count one answered request. `method` must already be bounded.
+    /// `outcome` is one of the labels in `OUTCOMES` (others count as
+    /// `unavailable`). Allocates only the first time a method is seen.
     pub fn observe_request(&self, method: &str, outcome: &'static str, elapsed: Duration) {
-        let key = (method.to_string(), outcome);
-        if let Some(c) = self.requests.get(&key) {
-            c.fetch_add(1, Ordering::Relaxed);
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(4);
+        if let Some(c) = self.requests.get(method) {
+            c[i].fetch_add(1, Ordering::Relaxed);
         } else {
             self.requests
-                .entry(key)
-                .or_insert_with(|| AtomicU64::new(0))
+                .entry(method.to_string())
+                .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)))[i]
                 .fetch_add(1, Ordering::Relaxed);
         }
         let secs = elapsed.as_secs_f64();
@@ -73,12 +90,14 @@ impl Metrics {
         let mut rows: Vec<(String, &'static str, u64)> = self
             .requests
             .iter()
-            .map(|e| {
-                (
-                    e.key().0.clone(),
-                    e.key().1,
-                    e.value().load(Ordering::Relaxed),
-                )
+            .flat_map(|e| {
+                let method = e.key().clone();
+                OUTCOMES
+                    .iter()
+                    .zip(e.value().iter())
+                    .map(|(o, c)| (method.clone(), *o, c.load(Ordering::Relaxed)))
+                    .filter(|r| r.2 > 0)
+                    .collect::<Vec<_>>()
             })
             .collect();
         rows.sort();

@@ -19,6 +19,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -582,7 +583,7 @@ fn handle_request(
         in_flight.fetch_sub(1, Ordering::AcqRel);
         let err = RpcError::unavailable(BUSY).retryable_after(Some(250));
         shared.metrics.observe_request(
-            &bounded_method(shared, &frame.method),
+            bounded_method(shared, &frame.method),
             "busy",
             Duration::ZERO,
         );
@@ -597,7 +598,8 @@ fn handle_request(
         .unwrap_or_default();
     let ctx = RequestContext::new(info.clone());
     let (shared, outbox, in_flight) = (shared.clone(), outbox.clone(), in_flight.clone());
-    shared.requests.clone().spawn(async move {
+    let tracker = shared.requests.clone();
+    let answer = async move {
         let started = Instant::now();
         let result = shared.gateway.dispatch(ctx, &method, params).await;
         let outcome = match &result {
@@ -607,11 +609,20 @@ fn handle_request(
         outbox.frame(encode_response(&id, &result));
         in_flight.fetch_sub(1, Ordering::AcqRel);
         shared.metrics.observe_request(
-            &bounded_method(&shared, &method),
+            bounded_method(&shared, &method),
             outcome,
             started.elapsed(),
         );
-    });
+    };
+    // Most methods answer without waiting (sync handlers): run them here and
+    // spare the task spawn. A request that has to wait continues as its own
+    // task; its first poll there registers real wakers, so the no-op waker of
+    // this first poll is never relied on.
+    let mut answer = Box::pin(answer);
+    let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+    if answer.as_mut().poll(&mut cx).is_pending() {
+        tracker.spawn(answer);
+    }
 }
 
 fn outcome_label(e: &RpcError) -> &'static str {
@@ -628,10 +639,10 @@ fn outcome_label(e: &RpcError) -> &'static str {
 
 /// The method name if the current registry has it, else `unknown`: keeps
 /// the metric label set bounded.
-fn bounded_method(shared: &Shared, method: &str) -> String {
-    if shared.gateway.current().registry().get(method).is_some() {
-        method.to_string()
+fn bounded_method<'m>(shared: &Shared, method: &'m str) -> &'m str {
+    if shared.gateway.dispatches(method) {
+        method
     } else {
-        "unknown".to_string()
+        "unknown"
     }
 }
