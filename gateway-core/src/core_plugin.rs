@@ -129,14 +129,11 @@ impl CorePlugin {
 }
 
 fn health(scope: &RestartScope) -> Value {
-    let (mut loaded, mut errors, mut unavailable) = (vec![], vec![], vec![]);
-    for (id, phase) in scope.plugin_phases() {
-        match phase {
-            PluginPhase::Running => loaded.push(json!(id)),
-            PluginPhase::Failed(e) => errors.push(json!({"id": id, "error": e})),
-            PluginPhase::Starting | PluginPhase::Stopped => unavailable.push(json!(id)),
-        }
-    }
+    let (loaded, failed, unavailable) = scope.plugin_health();
+    let errors: Vec<Value> = failed
+        .into_iter()
+        .map(|(id, e)| json!({"id": id, "error": e}))
+        .collect();
     json!({
         "ok": errors.is_empty(),
         "ts": unix_ms(),

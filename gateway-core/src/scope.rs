@@ -295,6 +295,25 @@ impl RestartScope {
             .collect()
     }
 
+    /// Plugins as `health` reports them: running ids, failed `(id, error)`,
+    /// and ids not serving (starting or stopped). Reads the lock-free phase
+    /// first; only a failed plugin's error text takes the lock.
+    pub fn plugin_health(&self) -> (Vec<&str>, Vec<(&str, String)>, Vec<&str>) {
+        let (mut loaded, mut failed, mut unavailable) = (Vec::new(), Vec::new(), Vec::new());
+        for (p, rt) in self.loader.plugins().iter().zip(&self.plugins) {
+            match rt.fast.load(Ordering::Acquire) {
+                PHASE_RUNNING => loaded.push(p.id.as_str()),
+                PHASE_FAILED => match &*rt.phase.borrow() {
+                    PluginPhase::Failed(e) => failed.push((p.id.as_str(), e.clone())),
+                    // The text lands a moment after the flag.
+                    _ => unavailable.push(p.id.as_str()),
+                },
+                _ => unavailable.push(p.id.as_str()),
+            }
+        }
+        (loaded, failed, unavailable)
+    }
+
     /// Admit a request, or `None` if this generation has closed its door.
     pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
         self.admission.enter().then(|| Admitted {

@@ -507,16 +507,26 @@ async fn serve<S>(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + tick_every, tick_every);
     let idle = Duration::from_millis(limits.ping_interval_ms) * 2 + Duration::from_secs(5);
     let mut last_seen = tokio::time::Instant::now();
+    // Created once: a timer and a cancellation waiter per frame would cost
+    // more than the frame. The idle timer is pushed back lazily, only when
+    // it fires and the client was heard from since.
+    let idle_timer = tokio::time::sleep_until(last_seen + idle);
     let closed = outbox.closed().clone();
+    let closed = closed.cancelled();
+    tokio::pin!(idle_timer, closed);
     loop {
         let msg = tokio::select! {
-            _ = closed.cancelled() => return,
+            () = &mut closed => return,
             _ = tick.tick() => {
                 let payload = raw(&json!({"ts": unix_ms()}));
                 outbox.event_if_idle("tick".into(), payload);
                 continue;
             }
-            _ = tokio::time::sleep_until(last_seen + idle) => {
+            () = &mut idle_timer => {
+                if last_seen + idle > tokio::time::Instant::now() {
+                    idle_timer.as_mut().reset(last_seen + idle);
+                    continue;
+                }
                 debug!(conn = %info.conn_id, "keepalive timeout");
                 outbox.close(1001, "keepalive timeout");
                 return;
@@ -524,14 +534,9 @@ async fn serve<S>(
             m = stream.next() => m,
         };
         last_seen = tokio::time::Instant::now();
-        let text = match msg {
+        let msg = match msg {
             None | Some(Ok(Message::Close(_))) => return,
-            Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
-            Some(Ok(Message::Binary(b))) => match String::from_utf8(b.to_vec()) {
-                Ok(t) => t,
-                Err(_) => continue,
-            },
-            Some(Ok(_)) => continue,
+            Some(Ok(m)) => m,
             Some(Err(tungstenite::Error::Capacity(_))) => {
                 outbox.close(1009, "payload too large");
                 return;
@@ -540,6 +545,14 @@ async fn serve<S>(
                 debug!(conn = %info.conn_id, error = %e, "read failed");
                 return;
             }
+        };
+        let text = match &msg {
+            Message::Text(t) => t.as_str(),
+            Message::Binary(b) => match std::str::from_utf8(b) {
+                Ok(t) => t,
+                Err(_) => continue,
+            },
+            _ => continue,
         };
         if text.len() > limits.max_payload {
             outbox.close(1009, "payload too large");
@@ -550,7 +563,7 @@ async fn serve<S>(
             outbox,
             &info,
             &in_flight,
-            &text,
+            text,
             limits.max_in_flight,
         );
     }
