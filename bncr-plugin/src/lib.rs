@@ -311,7 +311,6 @@ mod tests {
         let ctx = PluginContext {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),
-            manifest: None,
             state_dir: dir.clone(),
             events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
             life,
@@ -344,7 +343,6 @@ mod tests {
         PluginContext {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),
-            manifest: None,
             state_dir: std::env::temp_dir(),
             events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
             life,

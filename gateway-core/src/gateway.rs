@@ -63,6 +63,9 @@ pub struct RestartReport {
     pub previous: u64,
     /// From trigger to the new generation serving.
     pub duration: Duration,
+    /// Where that time went: build, old generation's drain and stop, new
+    /// generation's start.
+    pub phases: RestartPhases,
     /// Plugins of the new generation.
     pub plugins: Vec<PluginReport>,
     /// Methods the new generation dispatches that the old did not.
@@ -73,6 +76,17 @@ pub struct RestartReport {
     pub shutdown: ShutdownReport,
     /// Plugins of the new generation that failed to start.
     pub failed_plugins: Vec<(String, String)>,
+}
+
+/// How long each phase of a restart took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestartPhases {
+    /// Reading config and manifests, constructing plugins, freezing the registry.
+    pub build: Duration,
+    /// Draining the old generation and stopping its services.
+    pub stop_old: Duration,
+    /// Starting the new generation's services.
+    pub start_new: Duration,
 }
 
 /// A restart that did not happen; the old generation keeps serving.
@@ -374,6 +388,7 @@ impl Gateway {
             Ok(s) => s,
             Err(e) => return Err(self.record_failure(started, e.to_string())),
         };
+        let built_at = Instant::now();
         let old = self.inner.current.swap(new.clone());
         let (methods_added, methods_removed) = diff_methods(&old, &new);
         let plugins = plugin_reports(&old, &new);
@@ -390,7 +405,13 @@ impl Gateway {
                 "retired generation is still referenced"
             );
         }
+        let stopped_at = Instant::now();
         new.start_services().await;
+        let phases = RestartPhases {
+            build: built_at - started,
+            stop_old: stopped_at - built_at,
+            start_new: stopped_at.elapsed(),
+        };
         let failed_plugins: Vec<(String, String)> = new
             .plugin_phases()
             .into_iter()
@@ -415,6 +436,9 @@ impl Gateway {
         info!(
             generation,
             duration_ms = duration.as_secs_f64() * 1e3,
+            build_ms = phases.build.as_secs_f64() * 1e3,
+            stop_old_ms = phases.stop_old.as_secs_f64() * 1e3,
+            start_new_ms = phases.start_new.as_secs_f64() * 1e3,
             added = ?methods_added,
             removed = ?methods_removed,
             changed = ?plugins.iter().filter(|p| p.changed).map(|p| p.id.as_str()).collect::<Vec<_>>(),
@@ -424,6 +448,7 @@ impl Gateway {
             generation,
             previous: old_gen,
             duration,
+            phases,
             plugins,
             methods_added,
             methods_removed,

@@ -30,7 +30,7 @@ pub use core_plugin::{CORE_EVENTS, CORE_PLUGIN_ID};
 pub use frame::Features;
 pub use gateway::{
     Gateway, GatewayOptions, GatewayStats, PluginReport, RestartFailure, RestartOutcome,
-    RestartRecord, RestartReport,
+    RestartPhases, RestartRecord, RestartReport,
 };
 pub use loader::{
     BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,

@@ -252,7 +252,6 @@ struct Candidate {
     source: PluginSource,
     schema: Option<Value>,
     identity: Vec<u8>,
-    manifest: Option<Value>,
     create: plugin_api::CreateFn,
     enabled_default: bool,
 }
@@ -302,7 +301,6 @@ pub(crate) fn load(
         let ctx = PluginContext {
             plugin_id: c.id.clone(),
             config: config.clone(),
-            manifest: c.manifest.clone(),
             state_dir: cx.state_dir.to_path_buf(),
             events: sink.clone(),
             life: cx.life.clone(),
@@ -346,7 +344,6 @@ fn builtin_candidate(f: &PluginFactory) -> Candidate {
         source: PluginSource::Builtin,
         schema: f.config_schema.clone(),
         identity,
-        manifest: None,
         create: f.create.clone(),
         enabled_default: f.enabled_by_default,
     }
@@ -355,9 +352,8 @@ fn builtin_candidate(f: &PluginFactory) -> Candidate {
 fn discover_manifests(dirs: &[PathBuf]) -> Result<Vec<Candidate>, BuildError> {
     let mut found = Vec::new();
     for dir in dirs {
-        let direct = dir.join(MANIFEST_FILE);
-        if direct.is_file() {
-            found.push(direct);
+        if let Some(c) = manifest_candidate(&dir.join(MANIFEST_FILE))? {
+            found.push(c);
             continue;
         }
         let entries = std::fs::read_dir(dir).map_err(|e| BuildError::Manifest {
@@ -367,26 +363,45 @@ fn discover_manifests(dirs: &[PathBuf]) -> Result<Vec<Candidate>, BuildError> {
         let mut here: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path().join(MANIFEST_FILE))
-            .filter(|p| p.is_file())
             .collect();
         here.sort();
-        found.extend(here);
+        for path in here {
+            found.extend(manifest_candidate(&path)?);
+        }
     }
-    found.iter().map(|p| manifest_candidate(p)).collect()
+    Ok(found)
 }
 
-fn manifest_candidate(path: &Path) -> Result<Candidate, BuildError> {
+/// The plugin described by the manifest at `path`; `None` when there is no
+/// file there (a subdirectory without a manifest is not a plugin).
+fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
     let bad = |message: String| BuildError::Manifest {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let raw: Value =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-    let manifest: Manifest = serde_path_to_error::deserialize(&raw).map_err(|e| {
-        let at = e.path().to_string();
-        bad(format!("field `{at}`: {}", e.inner()))
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(bad(format!("cannot read: {e}"))),
+    };
+    // Straight from bytes to `Manifest`: no intermediate JSON tree.
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let manifest: Manifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let inner = e.inner();
+        if inner.is_syntax() || inner.is_eof() {
+            bad(format!("invalid JSON: {inner}"))
+        } else {
+            bad(format!("field `{}`: {inner}", e.path()))
+        }
     })?;
+    de.end().map_err(|e| bad(format!("invalid JSON: {e}")))?;
     if manifest.id.is_empty() || manifest.id.contains(char::is_whitespace) {
         return Err(bad(format!("invalid plugin id {:?}", manifest.id)));
     }
@@ -397,19 +412,18 @@ fn manifest_candidate(path: &Path) -> Result<Candidate, BuildError> {
     identity.extend_from_slice(&bytes);
     let m = Arc::new(manifest);
     let create_m = m.clone();
-    Ok(Candidate {
+    Ok(Some(Candidate {
         id: m.id.clone(),
         name: m.name.clone().unwrap_or_else(|| m.id.clone()),
         version: m.version.clone(),
         source: PluginSource::Manifest(path.to_path_buf()),
         schema: m.config_schema.clone(),
         identity,
-        manifest: Some(raw),
         create: Arc::new(move |ctx: PluginContext| {
             Ok(Arc::new(DeclarativePlugin::new(create_m.clone(), &ctx.config)) as Arc<dyn Plugin>)
         }),
         enabled_default: m.enabled.unwrap_or(true),
-    })
+    }))
 }
 
 fn check_unique_ids(candidates: &[Candidate]) -> Result<(), BuildError> {

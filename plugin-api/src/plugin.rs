@@ -27,8 +27,6 @@ pub struct PluginContext {
     /// The plugin's configuration, already validated against its schema
     /// (`{}` when none is configured).
     pub config: Value,
-    /// The manifest the plugin was loaded from, when it came from disk.
-    pub manifest: Option<Value>,
     /// The gateway's state directory; durable files go below it.
     pub state_dir: PathBuf,
     /// Where the plugin's events go.

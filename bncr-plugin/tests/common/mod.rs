@@ -120,7 +120,6 @@ impl Host {
         let ctx = PluginContext {
             plugin_id: "bncr".into(),
             config: self.config.clone(),
-            manifest: None,
             state_dir: self.dir.path().to_path_buf(),
             events: sink.clone(),
             life,
