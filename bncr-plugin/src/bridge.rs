@@ -129,6 +129,32 @@ pub(crate) struct State {
     inbound_pending: usize,
 }
 
+impl State {
+    /// Mirror an outbox row in memory: queued for its account in `seq`
+    /// order, findable by message id, due at `next_at`.
+    fn enqueue(&mut self, row: store::OutboxRow, next_at: Instant) {
+        self.index
+            .insert(row.message_id.clone(), (row.account_id.clone(), row.seq));
+        self.accounts
+            .entry(row.account_id)
+            .or_default()
+            .queue
+            .insert(
+                row.seq,
+                Pending {
+                    message_id: row.message_id,
+                    session_key: row.session_key,
+                    payload: row.payload,
+                    attempts: row.attempts,
+                    next_at,
+                    created_at: row.created_at,
+                    last_error: None,
+                    transferring: false,
+                },
+            );
+    }
+}
+
 /// One push the drain decided to make.
 #[derive(Debug)]
 struct Push {
@@ -314,25 +340,7 @@ impl Bridge {
             }
             let outbox_n = restored.outbox.len();
             for row in restored.outbox {
-                st.index
-                    .insert(row.message_id.clone(), (row.account_id.clone(), row.seq));
-                st.accounts
-                    .entry(row.account_id.clone())
-                    .or_default()
-                    .queue
-                    .insert(
-                        row.seq,
-                        Pending {
-                            message_id: row.message_id,
-                            session_key: row.session_key,
-                            payload: row.payload,
-                            attempts: row.attempts,
-                            next_at: now,
-                            created_at: row.created_at,
-                            last_error: None,
-                            transferring: false,
-                        },
-                    );
+                st.enqueue(row, now);
             }
             st.inbound_pending = pending_inbound;
             (outbox_n, dead_total, restored.leases.len())
@@ -434,26 +442,7 @@ impl Bridge {
             return Ok((id, false));
         };
         {
-            let mut st = self.state();
-            st.index
-                .insert(row.message_id.clone(), (row.account_id.clone(), row.seq));
-            st.accounts
-                .entry(row.account_id.clone())
-                .or_default()
-                .queue
-                .insert(
-                    row.seq,
-                    Pending {
-                        message_id: row.message_id,
-                        session_key: row.session_key,
-                        payload: row.payload,
-                        attempts: 0,
-                        next_at: Instant::now(),
-                        created_at: row.created_at,
-                        last_error: None,
-                        transferring: false,
-                    },
-                );
+            self.state().enqueue(row, Instant::now());
         }
         self.wake.notify_one();
         Ok((id, true))
