@@ -15,17 +15,17 @@
 use benches::{current_thread_runtime, fillers, start_gateway};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PLUGIN_COUNTS: [usize; 3] = [1, 10, 50];
 const METHODS_PER_PLUGIN: usize = 10;
 
 /// Each restart's reported duration, by group and plugin count.
-static DURATIONS: Mutex<Vec<(String, Vec<Duration>)>> = Mutex::new(Vec::new());
+type Durations = Arc<Mutex<Vec<(String, Vec<Duration>)>>>;
 
-fn record(label: &str, d: Duration) {
-    let mut all = DURATIONS.lock().unwrap_or_else(|e| e.into_inner());
+fn record(durations: &Durations, label: &str, d: Duration) {
+    let mut all = durations.lock().unwrap_or_else(|e| e.into_inner());
     match all.iter_mut().find(|(l, _)| l == label) {
         Some((_, v)) => v.push(d),
         None => all.push((label.to_string(), vec![d])),
@@ -37,8 +37,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank - 1]
 }
 
-fn report_percentiles() {
-    let mut all = DURATIONS.lock().unwrap_or_else(|e| e.into_inner());
+fn report_percentiles(durations: &Durations) {
+    let mut all = durations.lock().unwrap_or_else(|e| e.into_inner());
     eprintln!("\nrestart: RestartReport::duration (trigger to new generation serving)");
     for (label, v) in all.iter_mut() {
         v.sort_unstable();
@@ -54,6 +54,7 @@ fn report_percentiles() {
 
 fn restart(c: &mut Criterion) {
     let runtime = current_thread_runtime();
+    let durations = Durations::default();
     for (group_name, service) in [("restart", false), ("restart_with_service", true)] {
         let mut group = c.benchmark_group(group_name);
         group
@@ -70,11 +71,12 @@ fn restart(c: &mut Criterion) {
                 b.to_async(&runtime).iter_custom(|iters| {
                     let gateway = gateway.clone();
                     let label = label.clone();
+                    let durations = durations.clone();
                     async move {
                         let started = Instant::now();
                         for _ in 0..iters {
                             let report = gateway.restart().await.expect("restart succeeds");
-                            record(&label, report.duration);
+                            record(&durations, &label, report.duration);
                             black_box(report);
                         }
                         started.elapsed()
@@ -101,7 +103,7 @@ fn restart(c: &mut Criterion) {
     group.finish();
     runtime.block_on(gateway.shutdown(None));
 
-    report_percentiles();
+    report_percentiles(&durations);
 }
 
 criterion_group!(benches, restart);

@@ -40,13 +40,9 @@ pub(crate) fn id_opt(v: &Option<IdStr>) -> Option<String> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Common {
-    #[serde(default)]
     pub(crate) account_id: Option<String>,
-    #[serde(default)]
     pub(crate) client_id: Option<String>,
-    #[serde(default)]
     pub(crate) lease_id: Option<String>,
-    #[serde(default)]
     pub(crate) connection_epoch: Option<u64>,
 }
 
@@ -56,27 +52,17 @@ pub(crate) struct Common {
 pub(crate) struct Inbound {
     #[serde(flatten)]
     pub(crate) common: Common,
-    #[serde(default)]
     pub(crate) platform: Option<String>,
-    #[serde(default)]
     pub(crate) group_id: Option<IdStr>,
-    #[serde(default)]
     pub(crate) user_id: Option<IdStr>,
-    #[serde(default)]
     pub(crate) msg: Option<String>,
     #[serde(default, rename = "type")]
     pub(crate) kind: Option<String>,
-    #[serde(default)]
     pub(crate) msg_id: Option<IdStr>,
-    #[serde(default)]
     pub(crate) base64: Option<String>,
-    #[serde(default)]
     pub(crate) path: Option<String>,
-    #[serde(default)]
     pub(crate) mime_type: Option<String>,
-    #[serde(default)]
     pub(crate) file_name: Option<String>,
-    #[serde(default)]
     pub(crate) session_key: Option<String>,
 }
 
@@ -84,13 +70,9 @@ pub(crate) struct Inbound {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Ack {
-    #[serde(default)]
     pub(crate) message_id: Option<String>,
-    #[serde(default)]
     pub(crate) ok: Option<bool>,
-    #[serde(default)]
     pub(crate) fatal: Option<bool>,
-    #[serde(default)]
     pub(crate) error: Option<String>,
 }
 
@@ -100,27 +82,16 @@ pub(crate) struct Ack {
 pub(crate) struct FileInit {
     #[serde(flatten)]
     pub(crate) common: Common,
-    #[serde(default)]
     pub(crate) transfer_id: Option<String>,
-    #[serde(default)]
     pub(crate) session_key: Option<String>,
-    #[serde(default)]
     pub(crate) file_name: Option<String>,
-    #[serde(default)]
     pub(crate) mime_type: Option<String>,
-    #[serde(default)]
     pub(crate) file_size: Option<u64>,
-    #[serde(default)]
     pub(crate) chunk_size: Option<u64>,
-    #[serde(default)]
     pub(crate) total_chunks: Option<u64>,
-    #[serde(default)]
     pub(crate) file_sha256: Option<String>,
-    #[serde(default)]
     pub(crate) platform: Option<String>,
-    #[serde(default)]
     pub(crate) group_id: Option<IdStr>,
-    #[serde(default)]
     pub(crate) user_id: Option<IdStr>,
 }
 
@@ -128,17 +99,11 @@ pub(crate) struct FileInit {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct FileChunk {
-    #[serde(default)]
     pub(crate) transfer_id: Option<String>,
-    #[serde(default)]
     pub(crate) chunk_index: Option<u64>,
-    #[serde(default)]
     pub(crate) offset: Option<u64>,
-    #[serde(default)]
     pub(crate) size: Option<u64>,
-    #[serde(default)]
     pub(crate) chunk_sha256: Option<String>,
-    #[serde(default)]
     pub(crate) base64: Option<String>,
 }
 
@@ -146,9 +111,7 @@ pub(crate) struct FileChunk {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct FileEnd {
-    #[serde(default)]
     pub(crate) transfer_id: Option<String>,
-    #[serde(default)]
     pub(crate) reason: Option<String>,
 }
 
@@ -156,19 +119,12 @@ pub(crate) struct FileEnd {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct FileAck {
-    #[serde(default)]
     pub(crate) transfer_id: Option<String>,
-    #[serde(default)]
     pub(crate) stage: Option<String>,
-    #[serde(default)]
     pub(crate) chunk_index: Option<u64>,
-    #[serde(default)]
     pub(crate) ok: Option<bool>,
-    #[serde(default)]
     pub(crate) error_code: Option<String>,
-    #[serde(default)]
     pub(crate) error_message: Option<String>,
-    #[serde(default)]
     pub(crate) path: Option<String>,
 }
 
@@ -176,18 +132,12 @@ pub(crate) struct FileAck {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct DeadLetter {
-    #[serde(default)]
     pub(crate) account_id: Option<String>,
-    #[serde(default)]
     pub(crate) reason: Option<String>,
     /// Age in milliseconds: entries dead-lettered longer ago than this.
-    #[serde(default)]
     pub(crate) older_than: Option<u64>,
-    #[serde(default)]
     pub(crate) limit: Option<u64>,
-    #[serde(default)]
     pub(crate) offset: Option<u64>,
-    #[serde(default)]
     pub(crate) dry_run: Option<bool>,
 }
 
