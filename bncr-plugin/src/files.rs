@@ -209,12 +209,7 @@ impl Bridge {
             .offset
             .ok_or_else(|| RpcError::invalid_request("offset required"))?;
         let data = params::required(p.base64, "base64")?;
-        let t = self
-            .state()
-            .transfers
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| RpcError::invalid_request("transfer not found"))?;
+        let t = self.transfer(&id)?;
         if index >= t.total_chunks {
             return Err(RpcError::invalid_request(format!(
                 "chunkIndex {index} out of range (totalChunks {})",
@@ -264,15 +259,19 @@ impl Bridge {
         }))
     }
 
+    /// The transfer `id` as it stands, or `transfer not found`.
+    fn transfer(&self, id: &str) -> Result<Transfer, RpcError> {
+        self.state()
+            .transfers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RpcError::invalid_request("transfer not found"))
+    }
+
     /// Handle `bncr.file.complete`.
     pub(crate) async fn file_complete(&self, p: FileEnd) -> Result<Value, RpcError> {
         let id = safe_id(&params::required(p.transfer_id, "transferId")?)?;
-        let t = self
-            .state()
-            .transfers
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| RpcError::invalid_request("transfer not found"))?;
+        let t = self.transfer(&id)?;
         let missing: Vec<u64> = (0..t.total_chunks)
             .filter(|i| !t.received.contains_key(i))
             .collect();
