@@ -22,6 +22,8 @@ enum Step {
     ),
     /// The restart soak against the debug ws-proxy binary.
     Soak,
+    /// The real OpenClaw CLI against the debug ws-proxy binary.
+    OpenclawCli,
 }
 
 /// The steps in order, with their names.
@@ -54,6 +56,7 @@ const STEPS: &[(&str, Step)] = &[
         ),
     ),
     ("soak", Step::Soak),
+    ("openclaw cli", Step::OpenclawCli),
 ];
 
 /// Runs every step, stopping at the first failure.
@@ -89,6 +92,15 @@ fn run_step(step: &Step) -> Result<()> {
             command.args(*args).envs(envs.iter().copied());
             run_command(&mut command)
         }
+        Step::OpenclawCli => match crate::openclaw_cli::run(false)? {
+            crate::openclaw_cli::Outcome::Passed => Ok(()),
+            // An install failure is the environment (npm registry
+            // unreachable), not the gateway: say so loudly, do not fail.
+            crate::openclaw_cli::Outcome::NotInstalled(why) => {
+                println!("openclaw-cli: SKIPPED, the CLI could not be installed: {why}");
+                Ok(())
+            }
+        },
         Step::Soak => {
             let config = SoakConfig {
                 duration: CI_SOAK_DURATION,

