@@ -8,7 +8,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -19,21 +18,6 @@ fn methods_of(features: &Value) -> BTreeSet<String> {
         .iter()
         .map(|m| m.as_str().unwrap().to_string())
         .collect()
-}
-
-fn config_for(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[plugins]\ndirs = [{:?}]\n{extra}",
-            plugins.display().to_string()
-        ),
-    )
-    .unwrap();
-    path
 }
 
 async fn metric_of(addr: std::net::SocketAddr, key: &str) -> Option<f64> {

@@ -9,17 +9,8 @@ use serde_json::json;
 use std::time::Duration;
 
 fn plugin_config(dir: &std::path::Path, extra: &str) -> String {
-    let plugins = dir.join("plugins");
-    write_plugin(&plugins, "demo", &[("demo.sleep", "sleep")]);
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[plugins]\ndirs = [{:?}]\n{extra}",
-            plugins.display().to_string()
-        ),
-    )
-    .unwrap();
+    let path = config_for(dir, extra);
+    write_plugin(&dir.join("plugins"), "demo", &[("demo.sleep", "sleep")]);
     path.display().to_string()
 }
 

@@ -320,6 +320,23 @@ where
 
 /// Write a plugin dir with one manifest plugin `id` serving `methods`
 /// (`(name, handler, scope)`).
+/// `dir/gateway.toml` loading plugins from `dir/plugins` (created), plus
+/// `extra` TOML; returns its path.
+pub fn config_for(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n{extra}",
+            plugins.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 pub fn write_plugin(dir: &Path, id: &str, methods: &[(&str, &str)]) {
     let pdir = dir.join(id);
     std::fs::create_dir_all(&pdir).unwrap();
