@@ -403,8 +403,10 @@ async fn reports_code_identity_and_what_changed() {
 // 8. One restart at a time; concurrent triggers coalesce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_restart_triggers_coalesce() {
+    // The first restart's start phase takes 300 ms: a wide window for the
+    // ten triggers below to arrive while it runs, even on a loaded machine.
     let h = harness(
-        config_with(&[("probe", json!({"startDelayMs": 50}))]),
+        config_with(&[("probe", json!({"startDelayMs": 300}))]),
         vec![],
     )
     .await;
