@@ -240,11 +240,7 @@ fn run(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(echo::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Soak(args) => Ok(if soak::run(&soak_config(args))? {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }),
+        Command::Soak(args) => Ok(exit_code(soak::run(&soak_config(args))?)),
         Command::RestartLatency(args) => {
             let config = restart_latency::RestartLatencyConfig {
                 plugins: args.plugins,
@@ -256,11 +252,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 config: args.config,
                 keep_log: args.keep_log,
             };
-            Ok(if restart_latency::run(&config, args.json)? {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(exit_code(restart_latency::run(&config, args.json)?))
         }
         Command::BncrThroughput(args) => {
             let config = bncr_throughput::ThroughputConfig {
@@ -295,12 +287,17 @@ fn run(command: Command) -> Result<ExitCode> {
                 rounds: args.rounds.max(1),
                 json: args.json,
             };
-            Ok(if runtime()?.block_on(compare::run(&config))? {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(exit_code(runtime()?.block_on(compare::run(&config))?))
         }
+    }
+}
+
+/// Success when every check passed.
+fn exit_code(passed: bool) -> ExitCode {
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
