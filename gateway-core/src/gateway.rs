@@ -275,20 +275,45 @@ impl Gateway {
         method: &str,
         params: Params,
     ) -> MethodResult {
-        let admitted = self.admit()?;
-        let scope = admitted.scope();
-        let Some(entry) = scope.registry().get(method) else {
-            return Err(RpcError::invalid_request(format!(
-                "unknown method: {method}"
-            )));
+        self.dispatch_tagged(ctx, method, params).await.1
+    }
+
+    /// [`Gateway::dispatch`], also saying which generation answered (0 when
+    /// none admitted the request, e.g. while the gateway stops). A server
+    /// uses it to tell a connection about generation N (`gateway.generation`)
+    /// before it writes any answer generation N produced.
+    pub async fn dispatch_tagged(
+        &self,
+        ctx: RequestContext,
+        method: &str,
+        params: Params,
+    ) -> (u64, MethodResult) {
+        let admitted = match self.admit() {
+            Ok(a) => a,
+            Err(e) => return (0, Err(e)),
         };
-        RestartScope::authorize(entry, &ctx)?;
+        let scope = admitted.scope();
+        let generation = scope.generation();
+        let Some(entry) = scope.registry().get(method) else {
+            return (
+                generation,
+                Err(RpcError::invalid_request(format!(
+                    "unknown method: {method}"
+                ))),
+            );
+        };
+        if let Err(e) = RestartScope::authorize(entry, &ctx) {
+            return (generation, Err(e));
+        }
         if entry.detached {
             let handler = entry.spec.handler.clone();
             drop(admitted);
-            return crate::scope::run_detached(handler, ctx, params).await;
+            return (
+                generation,
+                crate::scope::run_detached(handler, ctx, params).await,
+            );
         }
-        scope.invoke(entry, ctx, params).await
+        (generation, scope.invoke(entry, ctx, params).await)
     }
 
     /// Tell the current generation's plugins that a connection closed.
