@@ -23,7 +23,7 @@ pub mod signals;
 pub use config::{AuthMode, Cli, Limits, LogFormat, Settings, SettingsError};
 pub use connection::ConnectionTable;
 pub use metrics::Metrics;
-pub use server::{RunningServer, StartError, start};
+pub use server::{RunningServer, ServerBuilder, StartError, start};
 
 /// Install the global tracing subscriber (logs go to stderr).
 pub fn init_logging(format: LogFormat, level: &str) {

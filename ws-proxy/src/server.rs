@@ -14,7 +14,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use plugin_api::{ConnId, ConnectionInfo, Params, RequestContext, RpcError};
+use plugin_api::{ConnId, ConnectionInfo, Params, PluginFactory, RequestContext, RpcError};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::convert::Infallible;
@@ -95,8 +95,84 @@ impl fmt::Debug for RunningServer {
 }
 
 /// Bind, build generation 1 (with the built-in core and bncr plugins), and
-/// start accepting connections.
+/// start accepting connections. The same as
+/// `ServerBuilder::new(settings).start()`.
 pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    ServerBuilder::new(settings).start().await
+}
+
+/// A server with the embedder's own plugins compiled in, next to the
+/// built-in ones (core, and the Bncr bridge unless left out). What the binary
+/// runs is `ServerBuilder::new(settings).start()`.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use clap::Parser;
+/// use plugin_api::{Plugin, PluginContext, PluginFactory, Registrar, scope};
+/// use std::sync::Arc;
+///
+/// struct Greeter;
+/// impl Plugin for Greeter {
+///     fn id(&self) -> &str { "greeter" }
+///     fn version(&self) -> &str { "1.0.0" }
+///     fn register(&self, r: &mut Registrar) {
+///         r.method("greeter.hello")
+///             .scope(scope::READ)
+///             .sync(|_ctx, _params| Ok(serde_json::json!({"hello": "world"})));
+///     }
+/// }
+///
+/// let settings = ws_proxy::Settings::resolve(&ws_proxy::Cli::parse())?;
+/// let server = ws_proxy::ServerBuilder::new(settings)
+///     .plugin(PluginFactory::new("greeter", "1.0.0", |_: PluginContext| Ok(Arc::new(Greeter))))
+///     .start()
+///     .await?;
+/// println!("serving on {}", server.local_addr());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ServerBuilder {
+    settings: Settings,
+    catalog: Catalog,
+}
+
+impl ServerBuilder {
+    /// A server with these settings and the built-in Bncr bridge.
+    pub fn new(settings: Settings) -> ServerBuilder {
+        ServerBuilder {
+            settings,
+            catalog: Catalog::new().with(bncr_plugin::factory()),
+        }
+    }
+
+    /// Leave the built-in Bncr bridge out (the core plugin is always there).
+    pub fn without_bncr(mut self) -> ServerBuilder {
+        let kept = self
+            .catalog
+            .factories()
+            .iter()
+            .filter(|f| f.id != bncr_plugin::PLUGIN_ID)
+            .cloned()
+            .fold(Catalog::new(), Catalog::with);
+        self.catalog = kept;
+        self
+    }
+
+    /// Compile one more plugin in. Like every plugin it is constructed anew
+    /// for each generation, configured under `[plugins.entries.<id>]`, and
+    /// its methods are advertised and dispatched from the same registry.
+    pub fn plugin(mut self, factory: PluginFactory) -> ServerBuilder {
+        self.catalog = self.catalog.with(factory);
+        self
+    }
+
+    /// Bind, build generation 1 and start accepting connections.
+    pub async fn start(self) -> Result<RunningServer, StartError> {
+        start_with(self.settings, self.catalog).await
+    }
+}
+
+async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServer, StartError> {
     let want = SocketAddr::new(settings.bind, settings.port);
     let listener = TcpListener::bind(want)
         .await
@@ -106,7 +182,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Bind(want, e))?;
     let table = Arc::new(ConnectionTable::default());
     let gateway = Gateway::start(GatewayOptions {
-        catalog: Catalog::new().with(bncr_plugin::factory()),
+        catalog,
         config: Arc::new(settings.source.clone()),
         state_dir: settings.state_dir.clone(),
         transport: table.clone(),
