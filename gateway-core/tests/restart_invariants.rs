@@ -1,4 +1,4 @@
-//! One test (at least) per invariant of `shared/spec/restart.md`.
+//! One test (at least) per invariant of `docs/restart.md`.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Acceptance scenarios 1 and 3-7 of `shared/spec/restart.md`, at library
+//! Acceptance scenarios 1 and 3-7 of `docs/restart.md`, at library
 //! level, with config and manifests as real files on disk. (Scenario 2, under
 //! load over sockets, lives in ws-proxy's tests.)
 

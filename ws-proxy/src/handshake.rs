@@ -1,6 +1,6 @@
 //! The `connect` handshake: challenge, first frame, params, protocol, auth,
 //! hello-ok. Every failure answers (when the frame had an id) and closes with
-//! the code protocol.md assigns.
+//! the code `docs/protocol.md` assigns.
 
 use crate::config::PREAUTH_MAX_PAYLOAD;
 use crate::connection::Outbox;

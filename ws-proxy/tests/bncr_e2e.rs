@@ -1,6 +1,6 @@
 //! The Bncr bridge end to end: the real ws-proxy binary, real WebSocket
 //! connections (a simulated Bncr client and an operator), real signals.
-//! See `/work/shared/spec/bncr.md` for the contract checked here.
+//! See `docs/bncr.md` for the contract checked here.
 
 mod common;
 

