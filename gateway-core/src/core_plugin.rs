@@ -134,11 +134,16 @@ fn health(scope: &RestartScope) -> Value {
         .into_iter()
         .map(|(id, e)| json!({"id": id, "error": e}))
         .collect();
+    let degraded: Vec<Value> = scope
+        .plugin_degraded()
+        .into_iter()
+        .map(|(id, reason)| json!({"id": id, "reason": reason}))
+        .collect();
     json!({
-        "ok": errors.is_empty(),
+        "ok": errors.is_empty() && degraded.is_empty(),
         "ts": unix_ms(),
         "generation": scope.generation(),
-        "plugins": {"loaded": loaded, "errors": errors, "unavailable": unavailable},
+        "plugins": {"loaded": loaded, "errors": errors, "unavailable": unavailable, "degraded": degraded},
     })
 }
 

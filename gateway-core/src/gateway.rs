@@ -7,7 +7,9 @@ use crate::loader::{BuildError, Catalog, PluginSource};
 use crate::panic;
 use crate::scope::{Admitted, BuildInputs, RestartScope, ScopeSlot, ShutdownReport};
 use arc_swap::ArcSwap;
-use plugin_api::{ConnId, EventTransport, MethodResult, Params, RequestContext, RpcError};
+use plugin_api::{
+    ConnId, ConnectionInfo, EventTransport, MethodResult, Params, RequestContext, RpcError,
+};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
@@ -314,6 +316,18 @@ impl Gateway {
             );
         }
         (generation, scope.invoke(entry, ctx, params).await)
+    }
+
+    /// Tell the current generation's plugins that an authenticated
+    /// connection opened (it has joined the host's connection table).
+    pub fn connection_opened(&self, info: &ConnectionInfo) {
+        let scope = self.inner.current.load();
+        for (owner, hook) in scope.registry().connection_opened_hooks() {
+            if let Err(p) = panic::catch(|| hook(info)) {
+                let plugin = &scope.registry().plugin_ids()[*owner];
+                error!(plugin = %plugin, panic = %p, "connection-opened hook panicked");
+            }
+        }
     }
 
     /// Tell the current generation's plugins that a connection closed.

@@ -5,7 +5,10 @@
 //! the registry is built, so there is no second copy that could drift.
 
 use crate::frame::Features;
-use plugin_api::{Channel, ConnectionClosedHook, Declarations, MethodSpec, RequiredScope, scope};
+use plugin_api::{
+    Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations, HealthCheck, MethodSpec,
+    RequiredScope, scope,
+};
 use rustc_hash::FxHashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -58,6 +61,8 @@ pub struct Registry {
     features: Features,
     channels: FxHashMap<String, ChannelEntry>,
     closed_hooks: Vec<(PluginIndex, ConnectionClosedHook)>,
+    opened_hooks: Vec<(PluginIndex, ConnectionOpenedHook)>,
+    health_checks: Vec<(PluginIndex, HealthCheck)>,
 }
 
 impl fmt::Debug for Registry {
@@ -114,6 +119,16 @@ impl Registry {
     /// Connection-closed hooks with their owners.
     pub fn connection_closed_hooks(&self) -> &[(PluginIndex, ConnectionClosedHook)] {
         &self.closed_hooks
+    }
+
+    /// Connection-opened hooks with their owners.
+    pub fn connection_opened_hooks(&self) -> &[(PluginIndex, ConnectionOpenedHook)] {
+        &self.opened_hooks
+    }
+
+    /// Health checks with their owners.
+    pub fn health_checks(&self) -> &[(PluginIndex, HealthCheck)] {
+        &self.health_checks
     }
 }
 
@@ -205,6 +220,8 @@ pub struct RegistryBuilder {
     events: Vec<String>,
     channels: FxHashMap<String, ChannelEntry>,
     closed_hooks: Vec<(PluginIndex, ConnectionClosedHook)>,
+    opened_hooks: Vec<(PluginIndex, ConnectionOpenedHook)>,
+    health_checks: Vec<(PluginIndex, HealthCheck)>,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -313,6 +330,10 @@ impl RegistryBuilder {
         }
         self.closed_hooks
             .extend(decl.connection_closed.into_iter().map(|hook| (index, hook)));
+        self.opened_hooks
+            .extend(decl.connection_opened.into_iter().map(|hook| (index, hook)));
+        self.health_checks
+            .extend(decl.health.into_iter().map(|check| (index, check)));
         Ok(index)
     }
 
@@ -337,6 +358,8 @@ impl RegistryBuilder {
             },
             channels: self.channels,
             closed_hooks: self.closed_hooks,
+            opened_hooks: self.opened_hooks,
+            health_checks: self.health_checks,
         }
     }
 }

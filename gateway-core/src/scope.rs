@@ -314,6 +314,24 @@ impl RestartScope {
         (loaded, failed, unavailable)
     }
 
+    /// Running plugins that report themselves degraded through a health
+    /// check, as `(id, reason)`, in load order.
+    pub fn plugin_degraded(&self) -> Vec<(&str, String)> {
+        let mut out = Vec::new();
+        for (owner, check) in self.registry.health_checks() {
+            if self.plugins[*owner].fast.load(Ordering::Acquire) != PHASE_RUNNING {
+                continue;
+            }
+            let id = self.loader.plugins()[*owner].id.as_str();
+            match crate::panic::catch(|| check()) {
+                Ok(None) => {}
+                Ok(Some(reason)) => out.push((id, reason)),
+                Err(p) => out.push((id, format!("health check panicked: {p}"))),
+            }
+        }
+        out
+    }
+
     /// Admit a request, or `None` if this generation has closed its door.
     pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
         self.admission.enter().then(|| Admitted {

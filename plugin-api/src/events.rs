@@ -29,6 +29,23 @@ pub trait EventTransport: Send + Sync + 'static {
     /// Returns how many connections it was queued for.
     fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize;
 
+    /// [`EventTransport::broadcast`], leaving out the connections in
+    /// `except`. Returns how many connections it was queued for. The default
+    /// cannot tell connections apart: it sends to none when `except` is not
+    /// empty, so a count it returns is never an overstatement.
+    fn broadcast_except(
+        &self,
+        required_scope: &str,
+        except: &[ConnId],
+        event: &OutboundEvent,
+    ) -> usize {
+        if except.is_empty() {
+            self.broadcast(required_scope, event)
+        } else {
+            0
+        }
+    }
+
     /// How many client connections are open (for `status`).
     fn connection_count(&self) -> usize {
         0
@@ -156,6 +173,20 @@ impl EventSink {
         Ok(self.transport.broadcast(required_scope, &ev))
     }
 
+    /// [`EventSink::broadcast`] to every operator holding `required_scope`
+    /// except the connections in `except`; returns how many connections it
+    /// was queued for.
+    pub fn broadcast_except(
+        &self,
+        required_scope: &str,
+        except: &[ConnId],
+        event: &str,
+        payload: &impl Serialize,
+    ) -> Result<usize, EventError> {
+        let ev = self.prepare(event, payload)?;
+        Ok(self.transport.broadcast_except(required_scope, except, &ev))
+    }
+
     /// Whether `conn` is open now (see [`EventTransport::is_connected`]).
     pub fn is_connected(&self, conn: ConnId) -> bool {
         self.transport.is_connected(conn)
@@ -216,5 +247,21 @@ mod tests {
         let got = rec.0.lock().unwrap().clone();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0], (5, "plugin.demo.ping".into(), r#"{"n":1}"#.into()));
+    }
+
+    #[test]
+    fn default_broadcast_except_never_overstates() {
+        let (life, _ctl) = ScopeLife::new(1);
+        let rec = Arc::new(Recorder::default());
+        let sink = EventSink::new("demo", life, rec.clone());
+        sink.set_declared(["plugin.demo.ping".to_string()]);
+        let b = |except: &[ConnId]| {
+            sink.broadcast_except("operator.write", except, "plugin.demo.ping", &1)
+                .unwrap()
+        };
+        assert_eq!(b(&[]), 1);
+        // A transport that cannot exclude sends to nobody and says so.
+        assert_eq!(b(&[ConnId(3)]), 0);
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
     }
 }

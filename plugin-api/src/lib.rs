@@ -44,8 +44,8 @@ pub use events::{EventError, EventSink, EventTransport, NullTransport, OutboundE
 pub use life::{HandleError, LifeController, Retired, ScopeHandle, ScopeLife};
 pub use plugin::{CreateFn, Plugin, PluginContext, PluginFactory};
 pub use registrar::{
-    AsyncHandler, BoxFuture, Channel, ConnectionClosedHook, Declarations, Handler, MethodBuilder,
-    MethodResult, MethodSpec, OutboundMessage, Registrar, RequiredScope, SendReceipt, Service,
-    SyncHandler,
+    AsyncHandler, BoxFuture, Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations,
+    Handler, HealthCheck, MethodBuilder, MethodResult, MethodSpec, OutboundMessage, Registrar,
+    RequiredScope, SendReceipt, Service, SyncHandler,
 };
 pub use serde_json::Value;

@@ -1,6 +1,6 @@
 //! What a plugin declares: methods, events, services, channels, hooks.
 
-use crate::{ConnId, Params, RequestContext, RpcError, scope};
+use crate::{ConnId, ConnectionInfo, Params, RequestContext, RpcError, scope};
 use serde_json::Value;
 use std::fmt;
 use std::future::Future;
@@ -118,6 +118,15 @@ pub trait Channel: Send + Sync + 'static {
 /// Called by the host when a client connection closes.
 pub type ConnectionClosedHook = Arc<dyn Fn(ConnId) + Send + Sync>;
 
+/// Called by the host when an authenticated client connection joins the
+/// connection table (after its `hello-ok`).
+pub type ConnectionOpenedHook = Arc<dyn Fn(&ConnectionInfo) + Send + Sync>;
+
+/// Asked by the host whenever it reports health or readiness: `Some(reason)`
+/// while the plugin is running but cannot do its job (for example its store
+/// refuses writes). Must be cheap and must not block.
+pub type HealthCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Everything one plugin declared in `register`.
 #[derive(Default)]
 pub struct Declarations {
@@ -131,6 +140,10 @@ pub struct Declarations {
     pub channels: Vec<(String, Arc<dyn Channel>)>,
     /// Connection-closed hooks.
     pub connection_closed: Vec<ConnectionClosedHook>,
+    /// Connection-opened hooks.
+    pub connection_opened: Vec<ConnectionOpenedHook>,
+    /// Health checks.
+    pub health: Vec<HealthCheck>,
 }
 
 impl fmt::Debug for Declarations {
@@ -216,6 +229,26 @@ impl Registrar {
         hook: impl Fn(ConnId) + Send + Sync + 'static,
     ) -> &mut Self {
         self.decl.connection_closed.push(Arc::new(hook));
+        self
+    }
+
+    /// Be told when an authenticated client connection opens.
+    pub fn on_connection_opened(
+        &mut self,
+        hook: impl Fn(&ConnectionInfo) + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.decl.connection_opened.push(Arc::new(hook));
+        self
+    }
+
+    /// Report the plugin degraded while `check` returns `Some(reason)`: the
+    /// host's `health` answers `ok: false` and readiness fails, naming the
+    /// plugin and the reason.
+    pub fn health_check(
+        &mut self,
+        check: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.decl.health.push(Arc::new(check));
         self
     }
 
@@ -316,5 +349,12 @@ mod tests {
         assert_eq!(d.methods[1].scope.as_str(), Some(scope::READ));
         assert!(!d.methods[1].advertise && d.methods[1].node_only);
         assert_eq!(d.events, vec!["plugin.demo.e".to_string()]);
+        assert!(d.health.is_empty() && d.connection_opened.is_empty());
+        let mut r = Registrar::new("demo");
+        r.health_check(|| Some("down".into()))
+            .on_connection_opened(|_| {});
+        let d = r.into_declarations();
+        assert_eq!((d.health[0])(), Some("down".to_string()));
+        assert_eq!(d.connection_opened.len(), 1);
     }
 }

@@ -310,6 +310,20 @@ impl EventTransport for ConnectionTable {
             .count()
     }
 
+    fn broadcast_except(
+        &self,
+        required_scope: &str,
+        except: &[ConnId],
+        event: &OutboundEvent,
+    ) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
+            .filter(|c| !except.contains(&c.info.conn_id))
+            .filter(|c| c.outbox.event(event.name.clone(), event.payload.clone()))
+            .count()
+    }
+
     fn connection_count(&self) -> usize {
         self.conns.len()
     }
@@ -353,6 +367,15 @@ mod tests {
         assert!(admin.rx.try_recv().is_ok());
         assert!(read.rx.try_recv().is_err());
         assert!(node.rx.try_recv().is_err());
+        assert_eq!(
+            table.broadcast_except("operator.write", &[ConnId(1)], &event()),
+            0
+        );
+        assert_eq!(
+            table.broadcast_except("operator.read", &[ConnId(1)], &event()),
+            1
+        );
+        assert!(read.rx.try_recv().is_ok() && admin.rx.try_recv().is_err());
         assert!(table.send_to(ConnId(3), &event()));
         assert!(node.rx.try_recv().is_ok());
         assert!(!table.send_to(ConnId(9), &event()));

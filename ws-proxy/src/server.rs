@@ -359,12 +359,20 @@ fn handle_http(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) ->
                     _ => None,
                 })
                 .collect();
+            let degraded: Vec<_> = scope
+                .plugin_degraded()
+                .into_iter()
+                .map(|(id, reason)| json!({"id": id, "reason": reason}))
+                .collect();
             let closing = shared.gateway.is_closing() || shared.stopping.is_cancelled();
-            let ready = failed.is_empty() && !closing;
+            let ready = failed.is_empty() && degraded.is_empty() && !closing;
             let mut body = json!({"ok": ready, "status": if ready {"ready"} else {"not-ready"},
                 "generation": scope.generation()});
             if !failed.is_empty() {
                 body["failedPlugins"] = json!(failed);
+            }
+            if !degraded.is_empty() {
+                body["degradedPlugins"] = json!(degraded);
             }
             if closing {
                 body["reason"] = json!("gateway stopping");
@@ -541,6 +549,7 @@ async fn run_connection<S>(
     if let Some((info, generation)) = admitted {
         budget.lift();
         shared.table.insert(info.clone(), outbox.clone());
+        shared.gateway.connection_opened(&info);
         let scope = shared.gateway.current();
         if scope.generation() != generation {
             // A restart finished between hello-ok and joining the table.
