@@ -20,6 +20,7 @@ mod loader;
 mod panic;
 mod registry;
 mod scope;
+pub mod testing;
 
 pub use config::{
     ConfigError, ConfigOrigin, ConfigSource, GatewayConfig, PluginEntry, PluginsConfig,

@@ -35,6 +35,7 @@ mod events;
 mod life;
 mod plugin;
 mod registrar;
+mod typed;
 
 pub use context::{
     ClientInfo, ConnId, ConnectionInfo, Params, RequestContext, Role, Scopes, scope,
@@ -49,3 +50,4 @@ pub use registrar::{
     RequiredScope, SendReceipt, Service, SyncHandler,
 };
 pub use serde_json::Value;
+pub use typed::ServiceFn;

@@ -5,7 +5,7 @@
 //! [`EventSink`], and per-generation state that starts fresh at every restart.
 
 use plugin_api::{EventSink, Plugin, PluginContext, PluginFactory, Registrar, RpcError, scope};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,6 +26,14 @@ struct Hello {
 
 fn one() -> u8 {
     1
+}
+
+/// The answer of `greeter.hello`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Greeting {
+    greeting: Vec<String>,
+    greeted_this_generation: u64,
 }
 
 /// One generation's greeter: counts greetings since this generation began.
@@ -50,12 +58,10 @@ impl Plugin for Greeter {
         let events = self.events.clone();
         r.method("greeter.hello")
             .scope(scope::READ)
-            .sync(move |_ctx, params| {
-                let hello: Hello = params.parse()?;
+            .typed(move |_ctx, hello: Hello| {
                 if hello.times == 0 || hello.times > 10 {
                     return Err(RpcError::invalid_params("times must be 1 to 10"));
                 }
-                let text = vec![format!("hello, {}", hello.name); usize::from(hello.times)];
                 let count = greeted.fetch_add(1, Ordering::Relaxed) + 1;
                 // Operators holding operator.read hear about every greeting.
                 let _ = events.broadcast(
@@ -63,7 +69,10 @@ impl Plugin for Greeter {
                     GREETED,
                     &serde_json::json!({ "name": hello.name }),
                 );
-                Ok(serde_json::json!({ "greeting": text, "greetedThisGeneration": count }))
+                Ok(Greeting {
+                    greeting: vec![format!("hello, {}", hello.name); usize::from(hello.times)],
+                    greeted_this_generation: count,
+                })
             });
     }
 }
