@@ -20,6 +20,11 @@ mod preauth;
 mod server;
 pub mod signals;
 
+/// The README's Rust snippets, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeSnippets;
+
 pub use config::{AuthMode, Cli, Limits, LogFormat, Settings, SettingsError};
 pub use connection::ConnectionTable;
 pub use metrics::Metrics;
