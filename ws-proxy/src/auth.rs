@@ -1,46 +1,146 @@
 //! Shared-secret authentication at `connect`, in constant time, with a
-//! per-peer limit on failures.
+//! bounded per-peer limit on failures.
+//!
+//! Failures are counted per peer address in two fixed one-minute buckets
+//! (the current and the previous one): each failure is O(1), a rotation
+//! drops a whole bucket at once, and each bucket holds at most
+//! [`MAX_TRACKED`] addresses (further addresses share one overflow slot).
+//!
+//! A remote address over the limit is refused before its secret is looked
+//! at. Loopback is different: every local client shares 127.0.0.1, so a
+//! local address over the limit is never refused. A correct secret is always
+//! accepted there; a wrong one is answered only after a delay that grows
+//! with the excess, which throttles the guessing client without locking out
+//! anyone who knows the secret.
 
 use crate::config::{AuthMode, AuthSettings};
-use dashmap::DashMap;
+use crate::limits::LimitMetrics;
 use gateway_core::frame::ConnectAuth;
 use plugin_api::RpcError;
 use serde_json::json;
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// The window failures are counted in.
 const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked per bucket; beyond that they share [`OVERFLOW`].
+pub(crate) const MAX_TRACKED: usize = 4096;
+/// The slot addresses share once a bucket is full.
+const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+/// Delay added per failure past the limit for a loopback client.
+const THROTTLE_STEP: Duration = Duration::from_millis(200);
+/// The longest a failing loopback client is held.
+const THROTTLE_MAX: Duration = Duration::from_secs(3);
 
-/// Checks credentials and remembers failures per peer IP.
+/// A refused `connect`: the error to answer, after `delay`.
 #[derive(Debug)]
-pub(crate) struct Authenticator {
-    settings: AuthSettings,
-    failures: DashMap<IpAddr, (Instant, u32)>,
+pub(crate) struct AuthRefusal {
+    pub(crate) error: RpcError,
+    pub(crate) delay: Duration,
 }
 
-impl Authenticator {
-    pub(crate) fn new(settings: AuthSettings) -> Self {
-        Authenticator {
-            settings,
-            failures: DashMap::new(),
+/// Failures per address in the current and the previous window.
+#[derive(Debug)]
+struct FailureBook {
+    started: Instant,
+    current: HashMap<IpAddr, u32>,
+    previous: HashMap<IpAddr, u32>,
+}
+
+impl FailureBook {
+    fn rotate(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.started);
+        if elapsed < WINDOW {
+            return;
+        }
+        self.previous = if elapsed < 2 * WINDOW {
+            std::mem::take(&mut self.current)
+        } else {
+            self.current.clear();
+            HashMap::new()
+        };
+        self.started = now;
+    }
+
+    fn key(&self, peer: IpAddr) -> IpAddr {
+        if self.current.len() >= MAX_TRACKED && !self.current.contains_key(&peer) {
+            OVERFLOW
+        } else {
+            peer
         }
     }
 
-    /// `Some(error)` when `peer` has failed too often within the window.
+    fn count(&self, peer: IpAddr) -> u32 {
+        let key = self.key(peer);
+        let prev = if self.previous.contains_key(&peer) {
+            peer
+        } else {
+            key
+        };
+        self.current.get(&key).copied().unwrap_or(0)
+            + self.previous.get(&prev).copied().unwrap_or(0)
+    }
+
+    fn record(&mut self, peer: IpAddr) -> u32 {
+        let key = self.key(peer);
+        *self.current.entry(key).or_insert(0) += 1;
+        self.count(peer)
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+/// Checks credentials and remembers failures per peer address.
+#[derive(Debug)]
+pub(crate) struct Authenticator {
+    settings: AuthSettings,
+    book: Mutex<FailureBook>,
+    metrics: Arc<LimitMetrics>,
+}
+
+fn is_local(peer: IpAddr) -> bool {
+    peer.to_canonical().is_loopback()
+}
+
+impl Authenticator {
+    pub(crate) fn new(settings: AuthSettings, metrics: Arc<LimitMetrics>) -> Self {
+        Authenticator {
+            settings,
+            book: Mutex::new(FailureBook {
+                started: Instant::now(),
+                current: HashMap::new(),
+                previous: HashMap::new(),
+            }),
+            metrics,
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, FailureBook> {
+        let mut b = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        b.rotate(Instant::now());
+        b
+    }
+
+    /// `Some(error)` when remote `peer` has failed too often recently; never
+    /// for loopback (see the module docs).
     pub(crate) fn rate_limited(&self, peer: IpAddr) -> Option<RpcError> {
         let limit = self.settings.max_failures_per_minute;
-        if limit == 0 {
+        if limit == 0 || is_local(peer) {
             return None;
         }
-        let entry = self.failures.get(&peer)?;
-        let (start, count) = *entry;
-        let elapsed = start.elapsed();
-        if elapsed >= WINDOW || count < limit {
+        let book = self.book();
+        if book.count(peer) < limit {
             return None;
         }
-        let retry = (WINDOW - elapsed).as_millis() as u64;
+        let retry = WINDOW.saturating_sub(book.started.elapsed()).as_millis() as u64;
+        drop(book);
+        self.metrics.count(&self.metrics.auth_rate_limited);
         Some(
             RpcError::invalid_request(
                 "unauthorized: too many failed authentication attempts; retry later",
@@ -50,18 +150,23 @@ impl Authenticator {
         )
     }
 
-    fn record_failure(&self, peer: IpAddr) {
-        let now = Instant::now();
-        let mut e = self.failures.entry(peer).or_insert((now, 0));
-        if e.0.elapsed() >= WINDOW {
-            *e = (now, 0);
+    /// Count a failure; returns how long to hold the answer.
+    fn record_failure(&self, peer: IpAddr) -> Duration {
+        let limit = self.settings.max_failures_per_minute;
+        let count = self.book().record(peer);
+        if limit == 0 || !is_local(peer) || count <= limit {
+            return Duration::ZERO;
         }
-        e.1 += 1;
-        // Keep the table small: forget expired peers now and then.
-        drop(e);
-        if self.failures.len() > 4096 {
-            self.failures.retain(|_, (t, _)| t.elapsed() < WINDOW);
-        }
+        self.metrics.count(&self.metrics.auth_throttled);
+        THROTTLE_STEP
+            .saturating_mul(count - limit)
+            .min(THROTTLE_MAX)
+    }
+
+    /// Addresses the failure book tracks now (bounded by 2 x [`MAX_TRACKED`]).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.book().tracked()
     }
 
     /// Check the offered credentials; failures are counted against `peer`.
@@ -69,7 +174,7 @@ impl Authenticator {
         &self,
         peer: IpAddr,
         offered: Option<&ConnectAuth>,
-    ) -> Result<(), RpcError> {
+    ) -> Result<(), AuthRefusal> {
         let Some(secret) = &self.settings.secret else {
             return Ok(());
         };
@@ -98,11 +203,13 @@ impl Authenticator {
             .filter(|s| !s.is_empty())
             .collect();
         if candidates.is_empty() {
-            self.record_failure(peer);
-            return Err(RpcError::invalid_request(format!(
-                "unauthorized: gateway {what} missing (connect with auth.{what})"
-            ))
-            .with_details(json!({"code": missing})));
+            return Err(AuthRefusal {
+                delay: self.record_failure(peer),
+                error: RpcError::invalid_request(format!(
+                    "unauthorized: gateway {what} missing (connect with auth.{what})"
+                ))
+                .with_details(json!({"code": missing})),
+            });
         }
         let mut ok = subtle::Choice::from(0u8);
         for c in &candidates {
@@ -111,11 +218,11 @@ impl Authenticator {
         if bool::from(ok) {
             Ok(())
         } else {
-            self.record_failure(peer);
-            Err(
-                RpcError::invalid_request(format!("unauthorized: gateway {what} mismatch"))
+            Err(AuthRefusal {
+                delay: self.record_failure(peer),
+                error: RpcError::invalid_request(format!("unauthorized: gateway {what} mismatch"))
                     .with_details(json!({"code": mismatch})),
-            )
+            })
         }
     }
 }
@@ -125,12 +232,15 @@ mod tests {
     use super::*;
 
     fn auth(mode: AuthMode, secret: Option<&str>, limit: u32) -> Authenticator {
-        Authenticator::new(AuthSettings {
-            mode,
-            secret: secret.map(str::to_string),
-            generated: false,
-            max_failures_per_minute: limit,
-        })
+        Authenticator::new(
+            AuthSettings {
+                mode,
+                secret: secret.map(str::to_string),
+                generated: false,
+                max_failures_per_minute: limit,
+            },
+            Arc::default(),
+        )
     }
 
     fn offer(token: Option<&str>, password: Option<&str>) -> ConnectAuth {
@@ -140,35 +250,114 @@ mod tests {
         }
     }
 
+    fn code(r: Result<(), AuthRefusal>) -> Option<String> {
+        r.unwrap_err().error.details_code().map(str::to_string)
+    }
+
     #[test]
     fn either_field_carries_the_secret() {
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         let a = auth(AuthMode::Token, Some("s3"), 0);
         assert!(a.check(peer, Some(&offer(Some("s3"), None))).is_ok());
         assert!(a.check(peer, Some(&offer(None, Some("s3")))).is_ok());
-        let e = a.check(peer, None).unwrap_err();
-        assert_eq!(e.details_code(), Some("AUTH_TOKEN_MISSING"));
-        let e = a.check(peer, Some(&offer(Some("no"), None))).unwrap_err();
-        assert_eq!(e.details_code(), Some("AUTH_TOKEN_MISMATCH"));
+        assert_eq!(
+            code(a.check(peer, None)).as_deref(),
+            Some("AUTH_TOKEN_MISSING")
+        );
+        assert_eq!(
+            code(a.check(peer, Some(&offer(Some("no"), None)))).as_deref(),
+            Some("AUTH_TOKEN_MISMATCH")
+        );
         let p = auth(AuthMode::Password, Some("pw"), 0);
-        let e = p.check(peer, Some(&offer(None, Some("x")))).unwrap_err();
-        assert_eq!(e.details_code(), Some("AUTH_PASSWORD_MISMATCH"));
+        assert_eq!(
+            code(p.check(peer, Some(&offer(None, Some("x"))))).as_deref(),
+            Some("AUTH_PASSWORD_MISMATCH")
+        );
         assert!(p.check(peer, Some(&offer(Some("pw"), None))).is_ok());
         assert!(auth(AuthMode::None, None, 0).check(peer, None).is_ok());
     }
 
     #[test]
-    fn failures_are_rate_limited_per_peer() {
+    fn remote_failures_are_rate_limited_per_peer() {
         let a = auth(AuthMode::Token, Some("s"), 2);
         let p1: IpAddr = "10.0.0.1".parse().unwrap();
         let p2: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..2 {
             assert!(a.rate_limited(p1).is_none());
-            let _ = a.check(p1, None);
+            let r = a.check(p1, None).unwrap_err();
+            assert_eq!(
+                r.delay,
+                Duration::ZERO,
+                "remote peers are refused, not held"
+            );
         }
         let e = a.rate_limited(p1).unwrap();
         assert_eq!(e.details_code(), Some("AUTH_RATE_LIMITED"));
         assert_eq!(e.retryable, Some(true));
         assert!(a.rate_limited(p2).is_none());
+    }
+
+    #[test]
+    fn loopback_failures_throttle_the_failing_client_and_never_refuse_the_secret() {
+        let a = auth(AuthMode::Token, Some("s"), 3);
+        for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let peer: IpAddr = local.parse().unwrap();
+            let mut delays = Vec::new();
+            for _ in 0..6 {
+                assert!(
+                    a.rate_limited(peer).is_none(),
+                    "{local} is never refused up front"
+                );
+                delays.push(
+                    a.check(peer, Some(&offer(Some("bad"), None)))
+                        .unwrap_err()
+                        .delay,
+                );
+            }
+            assert_eq!(&delays[..3], &[Duration::ZERO; 3], "{local}: {delays:?}");
+            assert!(
+                delays[3] > Duration::ZERO && delays[4] > delays[3],
+                "{local}: {delays:?}"
+            );
+            assert!(delays.iter().all(|d| *d <= THROTTLE_MAX));
+            assert!(
+                a.check(peer, Some(&offer(Some("s"), None))).is_ok(),
+                "the right secret is accepted whatever others failed"
+            );
+        }
+    }
+
+    #[test]
+    fn bookkeeping_is_bounded_and_overflowing_addresses_share_a_slot() {
+        let a = auth(AuthMode::Token, Some("s"), 5);
+        for i in 0..(MAX_TRACKED as u32 + 3000) {
+            let peer = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = a.check(peer, None);
+        }
+        assert!(a.tracked() <= MAX_TRACKED + 1, "{}", a.tracked());
+        // The 3000 addresses past the bound share the overflow slot, which
+        // is now over the limit; tracked addresses are judged on their own.
+        let late = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000));
+        assert!(a.rate_limited(late).is_some());
+        let early = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000));
+        assert!(a.rate_limited(early).is_none());
+    }
+
+    #[test]
+    fn buckets_rotate_so_old_failures_are_forgotten() {
+        let mut b = FailureBook {
+            started: Instant::now(),
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        };
+        let p: IpAddr = "10.1.1.1".parse().unwrap();
+        assert_eq!(b.record(p), 1);
+        let t0 = b.started;
+        b.rotate(t0 + WINDOW);
+        assert_eq!(b.count(p), 1, "the previous window still counts");
+        assert_eq!(b.record(p), 2);
+        b.rotate(t0 + 3 * WINDOW);
+        assert_eq!(b.count(p), 0);
+        assert_eq!(b.tracked(), 0);
     }
 }

@@ -135,6 +135,27 @@ pub struct Limits {
     pub ping_interval_ms: u64,
     /// On stop, how long in-flight requests may drain.
     pub shutdown_drain_ms: u64,
+    /// HTTP stage: time allowed for a request's head, from when the
+    /// connection is ready for it (the first request and each keep-alive one).
+    pub http_header_timeout_ms: u64,
+    /// HTTP stage: a connection that moved no bytes for this long is closed.
+    pub http_idle_timeout_ms: u64,
+    /// Open TCP connections in total (HTTP and WebSocket, before and after
+    /// auth). Lowered at start to stay below the file-descriptor limit.
+    pub max_connections: usize,
+    /// Connections not yet authenticated (HTTP stage and `connect`
+    /// handshake). At the cap the oldest of them is closed to make room.
+    pub max_pending_connections: usize,
+    /// Unauthenticated connections per peer address; at the cap that peer's
+    /// oldest is closed to make room.
+    pub max_pending_per_peer: usize,
+    /// Open connections per non-loopback peer address; more are refused
+    /// with HTTP 503. Loopback peers (all local clients share one address)
+    /// count only toward `max_connections`.
+    pub max_connections_per_peer: usize,
+    /// Origins (`scheme://host[:port]`) allowed to open a WebSocket besides
+    /// the gateway's own; an upgrade with any other `Origin` gets 403.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Limits {
@@ -147,6 +168,13 @@ impl Default for Limits {
             max_in_flight: 128,
             ping_interval_ms: 25_000,
             shutdown_drain_ms: 5_000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 5_000,
+            max_connections: 16_384,
+            max_pending_connections: 1_024,
+            max_pending_per_peer: 256,
+            max_connections_per_peer: 1_024,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -346,6 +374,26 @@ impl Settings {
             return Err(SettingsError(
                 "limits.tick_interval_ms, limits.ping_interval_ms and limits.max_in_flight must be positive".into(),
             ));
+        }
+        if limits.http_header_timeout_ms == 0
+            || limits.http_idle_timeout_ms == 0
+            || limits.max_connections == 0
+            || limits.max_pending_connections == 0
+            || limits.max_pending_per_peer == 0
+            || limits.max_connections_per_peer == 0
+        {
+            return Err(SettingsError(
+                "limits.http_header_timeout_ms, limits.http_idle_timeout_ms, limits.max_connections, limits.max_pending_connections, limits.max_pending_per_peer and limits.max_connections_per_peer must be positive".into(),
+            ));
+        }
+        if let Some(bad) = limits
+            .allowed_origins
+            .iter()
+            .find(|o| crate::limits::normalize_origin(o).is_none())
+        {
+            return Err(SettingsError(format!(
+                "limits.allowed_origins: {bad:?} is not an origin (expected scheme://host[:port])"
+            )));
         }
         let (secret, generated) = match mode {
             AuthMode::None => (None, false),

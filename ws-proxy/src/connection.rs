@@ -57,6 +57,9 @@ pub(crate) struct Outbox {
     closed: CancellationToken,
     /// Set when the server asked to close.
     close_requested: std::sync::atomic::AtomicBool,
+    /// Bytes the WebSocket layer holds unwritten (pongs included); they
+    /// count toward the same budget.
+    socket_backlog: std::sync::OnceLock<Arc<AtomicUsize>>,
 }
 
 /// The receiving half, owned by the writer task.
@@ -76,6 +79,7 @@ impl Outbox {
             abort_reason: Mutex::new(None),
             closed: CancellationToken::new(),
             close_requested: std::sync::atomic::AtomicBool::new(false),
+            socket_backlog: std::sync::OnceLock::new(),
         });
         (outbox, OutboxReceiver { rx })
     }
@@ -86,7 +90,11 @@ impl Outbox {
         }
         let cost = item.cost();
         let now = self.buffered.fetch_add(cost, Ordering::AcqRel) + cost;
-        if now > self.max_buffered {
+        let backlog = self
+            .socket_backlog
+            .get()
+            .map_or(0, |b| b.load(Ordering::Acquire));
+        if now + backlog > self.max_buffered {
             self.buffered.fetch_sub(cost, Ordering::AcqRel);
             self.close_now(1008, "slow consumer");
             return false;
@@ -96,6 +104,16 @@ impl Outbox {
             return false;
         }
         true
+    }
+
+    /// Count `backlog` (bytes below the outbox not yet written) in the budget.
+    pub(crate) fn count_socket_backlog(&self, backlog: Arc<AtomicUsize>) {
+        let _ = self.socket_backlog.set(backlog);
+    }
+
+    /// Bytes queued in the outbox now.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Acquire)
     }
 
     /// Queue an encoded frame.

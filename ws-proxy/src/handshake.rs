@@ -22,6 +22,8 @@ struct Refusal {
     error: Option<Box<RpcError>>,
     code: u16,
     reason: &'static str,
+    /// How long to hold the answer (a throttled failing client).
+    delay: std::time::Duration,
 }
 
 impl Refusal {
@@ -31,6 +33,7 @@ impl Refusal {
             error: None,
             code,
             reason,
+            delay: std::time::Duration::ZERO,
         }
     }
     fn answer(id: &str, error: RpcError, code: u16, reason: &'static str) -> Self {
@@ -39,6 +42,7 @@ impl Refusal {
             error: Some(Box::new(error)),
             code,
             reason,
+            delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -69,13 +73,11 @@ where
     let text = loop {
         match stream.next().await? {
             Ok(Message::Text(t)) => break t.as_str().to_owned(),
-            Ok(Message::Binary(b)) => match String::from_utf8(b.to_vec()) {
-                Ok(t) => break t,
-                Err(_) => {
-                    refuse(outbox, Refusal::silent(1008, "invalid request frame"));
-                    return None;
-                }
-            },
+            Ok(Message::Binary(_)) => {
+                let (code, reason) = crate::limits::binary_frame_close(&shared.metrics.limits);
+                refuse(outbox, Refusal::silent(code, reason));
+                return None;
+            }
             Ok(Message::Close(_)) => return None,
             Ok(_) => continue,
             Err(tungstenite::Error::Capacity(_)) => {
@@ -86,7 +88,14 @@ where
                 refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
                 return None;
             }
-            Err(_) => return None,
+            Err(e) => {
+                if let Some((code, reason)) =
+                    crate::limits::read_error_close(&shared.metrics.limits, &e)
+                {
+                    refuse(outbox, Refusal::silent(code, reason));
+                }
+                return None;
+            }
         }
     };
     if text.len() > PREAUTH_MAX_PAYLOAD {
@@ -100,7 +109,10 @@ where
             Some((info, generation))
         }
         Err(r) => {
-            debug!(%peer, code = r.code, reason = r.reason, error = ?r.error.as_ref().map(|e| &e.message), "handshake refused");
+            debug!(%peer, code = r.code, reason = r.reason, "handshake refused");
+            if !r.delay.is_zero() {
+                tokio::time::sleep(r.delay).await;
+            }
             refuse(outbox, r);
             None
         }
@@ -165,7 +177,10 @@ fn connect(
     shared
         .auth
         .check(peer.ip(), params.auth.as_ref())
-        .map_err(|e| Refusal::answer(id, e, 1008, "unauthorized"))?;
+        .map_err(|r| Refusal {
+            delay: r.delay,
+            ..Refusal::answer(id, r.error, 1008, "unauthorized")
+        })?;
     let info = Arc::new(ConnectionInfo {
         conn_id,
         role: params.role.unwrap_or_default(),

@@ -15,6 +15,7 @@ mod auth;
 pub mod config;
 mod connection;
 mod handshake;
+mod limits;
 mod metrics;
 mod preauth;
 mod server;
@@ -33,7 +34,8 @@ pub use server::{RunningServer, ServerBuilder, StartError, start};
 /// Install the global tracing subscriber (logs go to stderr).
 pub fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(capped_filter(level))
+        .unwrap_or_else(|_| EnvFilter::new(capped_filter("info")));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -43,4 +45,48 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Crates that log frame contents (tokens included) at debug or trace, and
+/// the most each may log whatever the configured filter says.
+const FRAME_LOGGING_CRATES: &[(&str, &str)] = &[
+    ("tungstenite", "info"),
+    ("tokio_tungstenite", "info"),
+    ("hyper", "debug"),
+];
+
+/// `level` with every directive for a frame-logging crate replaced by its
+/// cap, so that no log level prints a frame's content.
+fn capped_filter(level: &str) -> String {
+    let mut parts: Vec<String> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let target = d.split(['=', '[']).next().unwrap_or("");
+            !FRAME_LOGGING_CRATES
+                .iter()
+                .any(|(c, _)| target == *c || target.starts_with(&format!("{c}::")))
+        })
+        .map(str::to_string)
+        .collect();
+    parts.extend(
+        FRAME_LOGGING_CRATES
+            .iter()
+            .map(|(c, cap)| format!("{c}={cap}")),
+    );
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn frame_logging_crates_are_capped_whatever_the_filter() {
+        let f = super::capped_filter("trace,tungstenite=trace,tokio_tungstenite::compat=trace");
+        assert_eq!(
+            f,
+            "trace,tungstenite=info,tokio_tungstenite=info,hyper=debug"
+        );
+        assert!(tracing_subscriber::EnvFilter::try_new(&f).is_ok());
+    }
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     buckets: Vec<AtomicU64>,
     duration_count: AtomicU64,
     duration_micros: AtomicU64,
+    /// Counters for limits that tripped (see `limits`).
+    pub(crate) limits: std::sync::Arc<crate::limits::LimitMetrics>,
 }
 
 impl Default for Metrics {
@@ -46,6 +48,7 @@ impl Default for Metrics {
             buckets: BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
             duration_count: AtomicU64::new(0),
             duration_micros: AtomicU64::new(0),
+            limits: Default::default(),
         }
     }
 }
@@ -160,6 +163,7 @@ impl Metrics {
             "Time since the gateway started.",
             stats.uptime.as_secs_f64(),
         );
+        self.limits.render(&mut out);
         out
     }
 }

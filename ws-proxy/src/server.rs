@@ -4,6 +4,9 @@
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::connection::{ConnectionTable, Outbox, run_writer};
+use crate::limits::{
+    Caps, Gate, Permit, WriteBacklog, WriteMeter, binary_frame_close, read_error_close,
+};
 use crate::metrics::Metrics;
 use crate::preauth::{PreauthBudget, PreauthCap};
 use futures::StreamExt;
@@ -47,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) table: Arc<ConnectionTable>,
     pub(crate) auth: Authenticator,
     pub(crate) metrics: Metrics,
+    /// Caps on open connections.
+    gate: Arc<Gate>,
     /// The next connection id; see [`first_conn_id`].
     next_conn: AtomicU64,
     /// Connection tasks.
@@ -189,12 +194,15 @@ async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServe
     })
     .await
     .map_err(StartError::Build)?;
+    let metrics = Metrics::default();
+    let gate = connection_gate(&settings.limits, &metrics);
     let shared = Arc::new(Shared {
-        auth: Authenticator::new(settings.auth.clone()),
+        auth: Authenticator::new(settings.auth.clone(), metrics.limits.clone()),
         settings,
         gateway,
         table,
-        metrics: Metrics::default(),
+        metrics,
+        gate,
         next_conn: AtomicU64::new(first_conn_id()),
         connections: TaskTracker::new(),
         requests: TaskTracker::new(),
@@ -274,31 +282,98 @@ fn raw(value: &serde_json::Value) -> Arc<RawValue> {
         .unwrap_or_else(|_| Arc::from(RawValue::NULL.to_owned()))
 }
 
+/// The connection caps, with the total kept below the file-descriptor limit
+/// (whose soft value is raised to the hard one first).
+fn connection_gate(limits: &crate::config::Limits, metrics: &Metrics) -> Arc<Gate> {
+    let (total, fds) = crate::limits::fd_bounded_cap(limits.max_connections);
+    if total < limits.max_connections {
+        warn!(
+            configured = limits.max_connections,
+            cap = total,
+            fd_limit = fds,
+            "limits.max_connections lowered to stay below the file-descriptor limit"
+        );
+    }
+    Gate::new(
+        Caps {
+            total,
+            pending: limits.max_pending_connections.min(total),
+            pending_per_peer: limits.max_pending_per_peer,
+            per_peer: limits.max_connections_per_peer,
+        },
+        metrics.limits.clone(),
+    )
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut last_warning: Option<Instant> = None;
+    let header_timeout = Duration::from_millis(shared.settings.limits.http_header_timeout_ms);
+    let idle_timeout = Duration::from_millis(shared.settings.limits.http_idle_timeout_ms);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shared.unlisten.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Never stop accepting: back off briefly, and when file
+                    // descriptors ran out, free one from an unauthenticated
+                    // connection. One warning per second at most.
+                    let m = &shared.metrics.limits;
+                    if crate::limits::is_fd_exhaustion(&e) {
+                        m.count(&m.accept_fd_exhausted);
+                        shared.gate.shed_for_fds();
+                    } else {
+                        m.count(&m.accept_other_errors);
+                    }
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        warn!(error = %e, "accept failed; backing off");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
         };
+        let permit = match shared.gate.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                // Refused at once: a best-effort 503 without waiting, then close.
+                let _ = stream.try_write(crate::limits::REFUSED_RESPONSE);
+                debug!(%peer, ?why, "connection refused");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
         let shared2 = shared.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let evicted = permit.evicted().clone();
+            let (io, moved) = crate::limits::Activity::new(stream);
+            let for_upgrade = permit.clone();
+            let svc = hyper::service::service_fn(move |mut req| {
                 let shared = shared2.clone();
+                req.extensions_mut().insert(for_upgrade.clone());
                 async move { Ok::<_, Infallible>(handle_http(shared, peer, req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "http connection ended with an error");
+            drop(permit);
+            let m = &shared.metrics.limits;
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    if e.is_timeout() {
+                        m.count(&m.http_header_timeouts);
+                    }
+                    debug!(%peer, error = %e, "http connection ended with an error");
+                },
+                () = evicted.cancelled() => debug!(%peer, "http connection evicted"),
+                () = crate::limits::idle(moved, idle_timeout) => {
+                    m.count(&m.http_idle_timeouts);
+                    debug!(%peer, "http connection idle; closed");
+                }
             }
         });
     }
@@ -446,6 +521,23 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) -> HttpResponse {
+    if !crate::limits::origin_allowed(req.headers(), &shared.settings.limits.allowed_origins) {
+        let m = &shared.metrics.limits;
+        m.count(&m.origin_refused);
+        debug!(%peer, "websocket upgrade refused for its origin");
+        return probe(
+            StatusCode::FORBIDDEN,
+            &json!({"ok": false, "status": "forbidden", "reason": "origin not allowed"}),
+            false,
+        );
+    }
+    let Some(permit) = req.extensions_mut().remove::<Arc<Permit>>() else {
+        return probe(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ok": false, "status": "busy"}),
+            false,
+        );
+    };
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let version_ok = req
         .headers()
@@ -477,14 +569,18 @@ fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) ->
         match on_upgrade.await {
             Ok(upgraded) => {
                 let limits = &shared.settings.limits;
-                let config = WebSocketConfig::default()
-                    .max_message_size(Some(limits.max_payload))
-                    .max_frame_size(Some(limits.max_payload));
+                let config = websocket_config(limits);
+                let backlog =
+                    WriteBacklog::new(limits.max_buffered_bytes, shared.metrics.limits.clone());
                 // Twice the pre-auth frame cap: room for frame headers and a
                 // request pipelined right behind `connect`, never a large frame.
-                let budget = PreauthBudget::new(2 * crate::config::PREAUTH_MAX_PAYLOAD);
+                let budget = PreauthBudget::new(2 * crate::config::PREAUTH_MAX_PAYLOAD)
+                    .with_connection(permit, backlog.clone());
                 let ws = WebSocketStream::from_raw_socket(
-                    PreauthCap::new(TokioIo::new(upgraded), budget.clone()),
+                    WriteMeter::new(
+                        PreauthCap::new(TokioIo::new(upgraded), budget.clone()),
+                        backlog,
+                    ),
                     WsRole::Server,
                     Some(config),
                 )
@@ -504,6 +600,28 @@ fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) ->
     }
     r
 }
+
+/// Buffer sizes for one WebSocket. Small read and write buffers keep an
+/// idle connection cheap (tungstenite allocates its read buffer up front);
+/// large frames still get a buffer of their own size. The write buffer may
+/// grow (with pongs a client never reads) only to `maxBufferedBytes` plus
+/// room for a close frame; the [`WriteMeter`] closes the connection before.
+fn websocket_config(limits: &crate::config::Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(limits.max_payload))
+        .max_frame_size(Some(limits.max_payload))
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(limits.max_buffered_bytes.max(WS_WRITE_BUFFER) + CLOSE_ROOM)
+}
+
+/// Bytes read from the socket at a time.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Outgoing bytes collected before a write to the socket (a flush writes
+/// what is there).
+const WS_WRITE_BUFFER: usize = 8 * 1024;
+/// Room above the budget for a close frame and pongs in flight.
+const CLOSE_ROOM: usize = 64 * 1024;
 
 /// The first connection id of this process: its start time in unix ms,
 /// times 1000. Plugins persist connection ids (the bncr store keeps the
@@ -530,6 +648,7 @@ async fn run_connection<S>(
     let limits = shared.settings.limits.clone();
     let (sink, mut stream) = ws.split();
     let (outbox, rx) = Outbox::new(limits.max_buffered_bytes);
+    budget.attach(&outbox);
     let ping_every = Duration::from_millis(limits.ping_interval_ms);
     let writer = tokio::spawn(run_writer(outbox.clone(), rx, sink, ping_every));
     debug!(%peer, conn = %conn_id, "connection opened");
@@ -628,15 +747,19 @@ async fn serve<S>(
             }
             Some(Err(e)) => {
                 debug!(conn = %info.conn_id, error = %e, "read failed");
+                if let Some((code, reason)) = read_error_close(&shared.metrics.limits, &e) {
+                    outbox.close(code, reason);
+                }
                 return;
             }
         };
         let text = match &msg {
             Message::Text(t) => t.as_str(),
-            Message::Binary(b) => match std::str::from_utf8(b) {
-                Ok(t) => t,
-                Err(_) => continue,
-            },
+            Message::Binary(_) => {
+                let (code, reason) = binary_frame_close(&shared.metrics.limits);
+                outbox.close(code, reason);
+                return;
+            }
             _ => continue,
         };
         if text.len() > limits.max_payload {

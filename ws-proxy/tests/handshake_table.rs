@@ -289,17 +289,16 @@ async fn no_connect_within_the_timeout_closes_1008() {
 }
 
 #[tokio::test]
-async fn repeated_failures_are_rate_limited() {
+async fn repeated_local_failures_are_throttled_not_locked_out() {
     let s = Server::with_config("[auth]\nmax_failures_per_minute = 3\n", &[]).await;
-    for _ in 0..3 {
-        let (e, _) = auth_failure(&s.url(), json!({"token": "bad"})).await;
+    for _ in 0..4 {
+        let (e, closed) = auth_failure(&s.url(), json!({"token": "bad"})).await;
         assert_eq!(e["details"]["code"], "AUTH_TOKEN_MISMATCH");
+        assert_eq!(closed.code, Some(1008));
     }
-    // Even the right token is refused now, quickly and retryably.
-    let (e, closed) = auth_failure(&s.url(), json!({"token": TOKEN})).await;
-    assert_eq!(e["code"], "INVALID_REQUEST");
-    assert_eq!(e["details"]["code"], "AUTH_RATE_LIMITED");
-    assert_eq!(e["retryable"], true);
-    assert!(e["retryAfterMs"].as_u64().unwrap() > 0);
-    assert_eq!(closed.code, Some(1008));
+    // All local clients share 127.0.0.1: someone else's failures never
+    // refuse the right token (the failing client is held back instead).
+    let (mut c, hello) = Client::connect(&s.url(), Some(TOKEN), &["operator.read"]).await;
+    assert_eq!(hello["type"], "hello-ok");
+    assert_eq!(c.call("health", json!({})).await["ok"], true);
 }
