@@ -182,12 +182,27 @@ fn status(gw: &Gateway, scope: &RestartScope) -> Value {
         "disabledPlugins": scope.loader().disabled,
         "methods": &*features.methods,
         "methodCount": features.methods.len(),
+        "methodScopes": method_scopes(scope),
         "events": &*features.events,
         "channels": scope.registry().channel_ids(),
         "connections": gw.transport().connection_count(),
         "inFlight": stats.in_flight,
         "liveScopes": stats.live_scopes,
     })
+}
+
+/// Every advertised method and the scope it needs (`null`: none).
+fn method_scopes(scope: &RestartScope) -> serde_json::Map<String, Value> {
+    let registry = scope.registry();
+    scope
+        .features()
+        .methods
+        .iter()
+        .filter_map(|m| {
+            let entry = registry.get(m)?;
+            Some((m.clone(), json!(entry.spec.scope.as_str())))
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]

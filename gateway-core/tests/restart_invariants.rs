@@ -48,6 +48,13 @@ async fn advertised_status_and_dispatch_read_one_registry() {
     let listed: BTreeSet<String> = serde_json::from_value(status["methods"].clone()).unwrap();
     assert_eq!(listed, advertised);
     assert_eq!(status["methodCount"], advertised.len());
+    // Each advertised method with the scope dispatch enforces.
+    let scopes = status["methodScopes"].as_object().unwrap();
+    let keys: BTreeSet<String> = scopes.keys().cloned().collect();
+    assert_eq!(keys, advertised);
+    assert_eq!(scopes["health"], serde_json::Value::Null);
+    assert_eq!(scopes["status"], "operator.read");
+    assert_eq!(scopes["gateway.restart"], "operator.admin");
     // And the registry object behind all three is the one that dispatches.
     let scope = gw.current();
     for m in scope.features().methods.iter() {

@@ -237,6 +237,7 @@ mod tests {
                 mode,
                 secret: secret.map(str::to_string),
                 generated: false,
+                origin: crate::config::SecretOrigin::Flag,
                 max_failures_per_minute: limit,
             },
             Arc::default(),

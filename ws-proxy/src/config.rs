@@ -204,8 +204,10 @@ pub struct AuthSettings {
     pub mode: AuthMode,
     /// The secret clients must present (token or password); `None` for mode `none`.
     pub secret: Option<String>,
-    /// Whether the token was generated and stored in the state dir.
+    /// Whether the token was generated (and stored in the state dir) at this start.
     pub generated: bool,
+    /// Where the secret came from.
+    pub origin: SecretOrigin,
     /// Failed connects per peer IP per minute before refusing (0: unlimited).
     pub max_failures_per_minute: u32,
 }
@@ -216,7 +218,39 @@ impl fmt::Debug for AuthSettings {
             .field("mode", &self.mode)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("generated", &self.generated)
+            .field("origin", &self.origin)
             .finish()
+    }
+}
+
+/// Where the token or password clients present came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretOrigin {
+    /// No secret (`--auth none`).
+    None,
+    /// The `--token` / `--password` flag.
+    Flag,
+    /// An environment variable (`GATEWAY_TOKEN`, `GATEWAY_PASSWORD`).
+    Env(&'static str),
+    /// The config file (`auth.token` / `auth.password`).
+    File(PathBuf),
+    /// Read from the token file in the state dir (generated at an earlier start).
+    StateDir(PathBuf),
+    /// Generated at this start and stored in the token file.
+    Generated(PathBuf),
+}
+
+impl SecretOrigin {
+    /// For people: `generated, stored in state/gateway.token`, `read from ...`.
+    pub fn describe(&self) -> String {
+        match self {
+            SecretOrigin::None => "none".into(),
+            SecretOrigin::Flag => "from the command line".into(),
+            SecretOrigin::Env(var) => format!("from the environment ({var})"),
+            SecretOrigin::File(p) => format!("from the config file {}", p.display()),
+            SecretOrigin::StateDir(p) => format!("read from {}", p.display()),
+            SecretOrigin::Generated(p) => format!("generated, stored in {}", p.display()),
+        }
     }
 }
 
@@ -274,6 +308,11 @@ impl FileConfigSource {
     /// A source reading `file` (if any) plus `extra_dirs`.
     pub fn new(file: Option<PathBuf>, extra_dirs: Vec<PathBuf>) -> Self {
         FileConfigSource { file, extra_dirs }
+    }
+
+    /// The config file, if one was given.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 
     fn read(&self) -> Result<(FileConfig, Option<ConfigOrigin>), ConfigError> {
@@ -395,10 +434,20 @@ impl Settings {
                 "limits.allowed_origins: {bad:?} is not an origin (expected scheme://host[:port])"
             )));
         }
-        let (secret, generated) = match mode {
-            AuthMode::None => (None, false),
+        // Which layer supplied a secret: the flag (clap fills it from the
+        // environment too, so compare), else the file.
+        let origin_of = |flag: &Option<String>, var: &'static str| match flag {
+            Some(v) if std::env::var(var).ok().as_ref() == Some(v) => SecretOrigin::Env(var),
+            Some(_) => SecretOrigin::Flag,
+            None => cli
+                .config
+                .clone()
+                .map_or(SecretOrigin::None, SecretOrigin::File),
+        };
+        let (secret, generated, origin) = match mode {
+            AuthMode::None => (None, false, SecretOrigin::None),
             AuthMode::Password => match password.filter(|p| !p.is_empty()) {
-                Some(p) => (Some(p), false),
+                Some(p) => (Some(p), false, origin_of(&cli.password, "GATEWAY_PASSWORD")),
                 None => {
                     return Err(SettingsError(
                         "--auth password needs a password (--password, GATEWAY_PASSWORD or auth.password)".into(),
@@ -406,8 +455,17 @@ impl Settings {
                 }
             },
             AuthMode::Token => match token.filter(|t| !t.is_empty()) {
-                Some(t) => (Some(t), false),
-                None => (Some(stored_token(&state_dir)?), true),
+                Some(t) => (Some(t), false, origin_of(&cli.token, "GATEWAY_TOKEN")),
+                None => {
+                    let (t, created) = stored_token(&state_dir)?;
+                    let path = state_dir.join(TOKEN_FILE);
+                    let o = if created {
+                        SecretOrigin::Generated(path)
+                    } else {
+                        SecretOrigin::StateDir(path)
+                    };
+                    (Some(t), created, o)
+                }
             },
         };
         Ok(Settings {
@@ -417,6 +475,7 @@ impl Settings {
                 mode,
                 secret,
                 generated,
+                origin,
                 max_failures_per_minute: file.auth.max_failures_per_minute.unwrap_or(10),
             },
             limits,
@@ -438,13 +497,14 @@ impl Settings {
     }
 }
 
-/// The token stored in the state dir, created (mode 0600) when absent.
-fn stored_token(state_dir: &Path) -> Result<String, SettingsError> {
+/// The token stored in the state dir, created (mode 0600) when absent;
+/// `true` when it was created now.
+fn stored_token(state_dir: &Path) -> Result<(String, bool), SettingsError> {
     let path = state_dir.join(TOKEN_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
         let t = text.trim();
         if !t.is_empty() {
-            return Ok(t.to_string());
+            return Ok((t.to_string(), false));
         }
     }
     std::fs::create_dir_all(state_dir).map_err(|e| {
@@ -456,7 +516,7 @@ fn stored_token(state_dir: &Path) -> Result<String, SettingsError> {
     let token = random_hex(24);
     write_private(&path, &token)
         .map_err(|e| SettingsError(format!("cannot write {}: {e}", path.display())))?;
-    Ok(token)
+    Ok((token, true))
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {

@@ -60,6 +60,8 @@ pub(crate) struct Outbox {
     /// Bytes the WebSocket layer holds unwritten (pongs included); they
     /// count toward the same budget.
     socket_backlog: std::sync::OnceLock<Arc<AtomicUsize>>,
+    /// When the client last sent a frame (unix ms), for `system-presence`.
+    last_activity_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The receiving half, owned by the writer task.
@@ -80,6 +82,7 @@ impl Outbox {
             closed: CancellationToken::new(),
             close_requested: std::sync::atomic::AtomicBool::new(false),
             socket_backlog: std::sync::OnceLock::new(),
+            last_activity_ms: std::sync::atomic::AtomicU64::new(0),
         });
         (outbox, OutboxReceiver { rx })
     }
@@ -114,6 +117,16 @@ impl Outbox {
     /// Bytes queued in the outbox now.
     pub(crate) fn buffered(&self) -> usize {
         self.buffered.load(Ordering::Acquire)
+    }
+
+    /// Note that the client sent something at `unix_ms`.
+    pub(crate) fn mark_activity(&self, unix_ms: u64) {
+        self.last_activity_ms.store(unix_ms, Ordering::Relaxed);
+    }
+
+    /// When the client last sent something (unix ms).
+    pub(crate) fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
     }
 
     /// Queue an encoded frame.
@@ -269,6 +282,16 @@ const MAX_BATCH: usize = 64;
 pub(crate) struct Connection {
     pub(crate) info: Arc<ConnectionInfo>,
     pub(crate) outbox: Arc<Outbox>,
+    /// When it joined the table (unix ms).
+    pub(crate) connected_at_ms: u64,
+}
+
+/// A connection as `system-presence` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Presence {
+    pub(crate) info: Arc<ConnectionInfo>,
+    pub(crate) connected_at_ms: u64,
+    pub(crate) last_activity_ms: u64,
 }
 
 /// Every authenticated connection, by id. Lives for the process; it is the
@@ -280,8 +303,28 @@ pub struct ConnectionTable {
 
 impl ConnectionTable {
     pub(crate) fn insert(&self, info: Arc<ConnectionInfo>, outbox: Arc<Outbox>) {
+        let connected_at_ms = crate::server::unix_ms();
+        outbox.mark_activity(connected_at_ms);
+        self.conns.insert(
+            info.conn_id.0,
+            Connection {
+                info,
+                outbox,
+                connected_at_ms,
+            },
+        );
+    }
+
+    /// Every connection with when it connected and was last heard from.
+    pub(crate) fn presence(&self) -> Vec<Presence> {
         self.conns
-            .insert(info.conn_id.0, Connection { info, outbox });
+            .iter()
+            .map(|c| Presence {
+                info: c.info.clone(),
+                connected_at_ms: c.connected_at_ms,
+                last_activity_ms: c.outbox.last_activity_ms(),
+            })
+            .collect()
     }
 
     pub(crate) fn remove(&self, conn: ConnId) {

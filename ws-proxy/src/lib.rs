@@ -14,9 +14,12 @@
 mod auth;
 pub mod config;
 mod connection;
+mod dashboard;
 mod handshake;
 mod limits;
+pub mod logs;
 mod metrics;
+mod ops;
 mod preauth;
 mod server;
 pub mod signals;
@@ -26,14 +29,17 @@ pub mod signals;
 #[doc = include_str!("../../README.md")]
 struct ReadmeSnippets;
 
-pub use config::{AuthMode, Cli, Limits, LogFormat, Settings, SettingsError};
+pub use config::{AuthMode, Cli, Limits, LogFormat, SecretOrigin, Settings, SettingsError};
 pub use connection::ConnectionTable;
 pub use metrics::Metrics;
 pub use server::{RunningServer, ServerBuilder, StartError, start};
 
-/// Install the global tracing subscriber (logs go to stderr).
+/// Install the global tracing subscriber: logs go to stderr and to the
+/// in-memory ring `logs.tail` reads ([`logs::ring`]), filtered alike.
 pub fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_new(capped_filter(level))
         .unwrap_or_else(|_| EnvFilter::new(capped_filter("info")));
     use std::io::IsTerminal;
@@ -42,8 +48,8 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(logs::RingLayer).try_init(),
+        LogFormat::Json => builder.json().finish().with(logs::RingLayer).try_init(),
     };
 }
 

@@ -4,7 +4,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Duration;
-use ws_proxy::{AuthMode, Cli, RunningServer, Settings};
+use ws_proxy::{AuthMode, Cli, RunningServer, SecretOrigin, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,11 +55,11 @@ async fn run(settings: Settings) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// What the startup banner says about auth.
+/// What the startup banner says about auth and where the dashboard is.
 struct Banner {
     mode: AuthMode,
     secret: Option<String>,
-    generated: Option<std::path::PathBuf>,
+    origin: SecretOrigin,
 }
 
 impl Banner {
@@ -67,13 +67,13 @@ impl Banner {
         Banner {
             mode: s.auth.mode,
             secret: s.auth.secret.clone(),
-            generated: s
-                .auth
-                .generated
-                .then(|| s.state_dir.join(ws_proxy::config::TOKEN_FILE)),
+            origin: s.auth.origin.clone(),
         }
     }
 
+    /// The token appears in full only when it was generated at this start
+    /// (nobody knows it yet) and in the dashboard link's fragment, which a
+    /// browser never sends to the server.
     #[allow(clippy::print_stdout)]
     fn print(&self, server: &RunningServer) {
         let addr = server.local_addr();
@@ -84,24 +84,46 @@ impl Banner {
             g.generation(),
             g.features().methods.len()
         );
-        let cred = match (self.mode, &self.generated, &self.secret) {
-            (AuthMode::None, _, _) => {
+        let (cred, fragment) = match (self.mode, &self.secret) {
+            (AuthMode::None, _) => {
                 println!("auth: none");
-                String::new()
+                (String::new(), String::new())
             }
-            (AuthMode::Token, Some(path), Some(token)) => {
-                println!("auth: token (generated, stored in {})", path.display());
-                format!(" --token {token}")
+            (AuthMode::Token, Some(token)) => {
+                println!("auth: token ({})", self.origin.describe());
+                let cred = if matches!(self.origin, SecretOrigin::Generated(_)) {
+                    format!(" --token {token}")
+                } else {
+                    " --token \"$GATEWAY_TOKEN\"".to_string()
+                };
+                (cred, format!("#token={}", fragment_escape(token)))
             }
-            (AuthMode::Token, _, _) => {
+            (AuthMode::Token, None) => {
                 println!("auth: token");
-                " --token \"$GATEWAY_TOKEN\"".to_string()
+                (" --token \"$GATEWAY_TOKEN\"".to_string(), String::new())
             }
-            (AuthMode::Password, _, _) => {
-                println!("auth: password");
-                " --password \"$GATEWAY_PASSWORD\"".to_string()
+            (AuthMode::Password, _) => {
+                println!("auth: password ({})", self.origin.describe());
+                (
+                    " --password \"$GATEWAY_PASSWORD\"".to_string(),
+                    String::new(),
+                )
             }
         };
+        println!("dashboard: http://{addr}/{fragment}");
         println!("connect: openclaw gateway call health --url {url}{cred} --json");
     }
+}
+
+/// Percent-encode what would end or confuse a URL fragment.
+fn fragment_escape(s: &str) -> String {
+    s.bytes()
+        .fold(String::with_capacity(s.len()), |mut out, b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+            out
+        })
 }

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Caps on open connections.
     gate: Arc<Gate>,
+    /// The port actually bound (differs from the setting with port 0).
+    pub(crate) local_port: u16,
     /// The next connection id; see [`first_conn_id`].
     next_conn: AtomicU64,
     /// Connection tasks.
@@ -186,8 +188,11 @@ async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServe
         .local_addr()
         .map_err(|e| StartError::Bind(want, e))?;
     let table = Arc::new(ConnectionTable::default());
+    let link = crate::ops::ServerLink::default();
     let gateway = Gateway::start(GatewayOptions {
-        catalog,
+        // The operator tools need this process's connections, settings
+        // and logs, so they are always there, like the core plugin.
+        catalog: catalog.with(crate::ops::factory(link.clone())),
         config: Arc::new(settings.source.clone()),
         state_dir: settings.state_dir.clone(),
         transport: table.clone(),
@@ -203,12 +208,14 @@ async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServe
         table,
         metrics,
         gate,
+        local_port: addr.port(),
         next_conn: AtomicU64::new(first_conn_id()),
         connections: TaskTracker::new(),
         requests: TaskTracker::new(),
         stopping: CancellationToken::new(),
         unlisten: CancellationToken::new(),
     });
+    let _ = link.set(Arc::downgrade(&shared));
     tokio::spawn(accept_loop(shared.clone(), listener));
     tokio::spawn(watch_generations(shared.clone()));
     info!(%addr, "listening on ws://{addr}");
@@ -484,6 +491,7 @@ fn handle_http(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) ->
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         }
+        path if crate::dashboard::serves(path) => crate::dashboard::respond(path, get, head),
         _ => probe(
             StatusCode::NOT_FOUND,
             &json!({"ok": false, "status": "not-found"}),
@@ -738,6 +746,7 @@ async fn serve<S>(
             m = stream.next() => m,
         };
         last_seen = tokio::time::Instant::now();
+        outbox.mark_activity(unix_ms());
         let msg = match msg {
             None | Some(Ok(Message::Close(_))) => return,
             Some(Ok(m)) => m,
