@@ -109,7 +109,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
 }
 
 /// A server with the embedder's own plugins compiled in, next to the
-/// built-in ones (core, and the Bncr bridge unless left out). What the binary
+/// built-in ones (core, the operator tools, and the Bncr bridge unless left out). What the binary
 /// runs is `ServerBuilder::new(settings).start()`.
 ///
 /// ```no_run
