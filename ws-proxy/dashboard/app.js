@@ -313,7 +313,7 @@ function renderClients(list) {
   setText('clients-count', clients.length);
   const me = state.gw && state.gw.hello && state.gw.hello.server && state.gw.hello.server.connId;
   fill($('clients').tBodies[0], clients.map((c) => h('tr', {},
-    h('td', { title: c.platform || '' }, (c.displayName || c.clientId || '?') + (c.version ? ' ' + c.version : ''), String(c.connId) === String(me) ? h('span', { class: 'tag' }, 'this page') : null),
+    h('td', { title: [c.clientId, c.version, c.platform].filter(Boolean).join(' ') }, c.displayName || [c.clientId, c.version].filter(Boolean).join(' ') || '?', String(c.connId) === String(me) ? h('span', { class: 'tag' }, 'this page') : null),
     h('td', {}, c.mode || '–'),
     h('td', { title: (c.scopes || []).join(' ') }, c.role || '–'),
     h('td', { class: 'num' }, fmtAgo(c.connectedAtMs)),

@@ -24,6 +24,8 @@ enum Step {
     Soak,
     /// The real OpenClaw CLI against the debug ws-proxy binary.
     OpenclawCli,
+    /// The dashboard in headless Chromium against the debug ws-proxy binary.
+    Dashboard,
 }
 
 /// The steps in order, with their names.
@@ -61,6 +63,7 @@ const STEPS: &[(&str, Step)] = &[
     ),
     ("soak", Step::Soak),
     ("openclaw cli", Step::OpenclawCli),
+    ("dashboard", Step::Dashboard),
 ];
 
 /// Runs every step, stopping at the first failure.
@@ -105,6 +108,7 @@ fn run_step(step: &Step) -> Result<()> {
                 Ok(())
             }
         },
+        Step::Dashboard => crate::dashboard::run(),
         Step::Soak => {
             let config = SoakConfig {
                 duration: CI_SOAK_DURATION,

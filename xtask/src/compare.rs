@@ -10,7 +10,7 @@ use crate::process::build_binary;
 use crate::soak::{Gateway, free_port};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -29,11 +29,13 @@ pub(crate) struct CompareConfig {
 
 /// One load run's summary, as `load --json` prints it.
 #[derive(Debug, Clone)]
-struct Sample {
-    rps: f64,
+pub(crate) struct Sample {
+    /// Requests answered per second.
+    pub(crate) rps: f64,
     p50_us: u64,
     p99_us: u64,
-    errors: u64,
+    /// Error answers.
+    pub(crate) errors: u64,
 }
 
 /// Runs the comparison; `Ok(false)` if any load run saw errors.
@@ -108,8 +110,9 @@ async fn start_echo(xtask: &Path, port: u16, token: &str) -> Result<tokio::proce
     bail!("echo-baseline did not listen on port {port}")
 }
 
-fn load(
-    xtask: &PathBuf,
+/// One `health` load run (the release `xtask load --json` as a child).
+pub(crate) fn load(
+    xtask: &Path,
     url: &str,
     token: &str,
     conns: usize,

@@ -7,6 +7,7 @@ mod bncr_throughput;
 mod ci;
 mod client;
 mod compare;
+mod dashboard;
 mod echo;
 mod load;
 mod openclaw_cli;
@@ -47,12 +48,33 @@ enum Command {
     BncrThroughput(BncrThroughputArgs),
     /// ws-proxy vs echo-baseline `health` throughput, in one run (release).
     Compare(CompareArgs),
+    /// The dashboard in headless Chromium: sign in, restart, screenshots.
+    Dashboard,
+    /// `health` throughput with and without an open dashboard (release).
+    DashboardCost(DashboardCostArgs),
     /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
     OpenclawCli {
         /// Build and run the release binary.
         #[arg(long)]
         release: bool,
     },
+}
+
+/// Flags of `dashboard-cost`.
+#[derive(Debug, Args)]
+struct DashboardCostArgs {
+    /// Connections of the `health` load.
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Load window per measurement.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Alternating rounds (without, then with a dashboard).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// Flags of `compare`.
@@ -280,6 +302,30 @@ fn run(command: Command) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Dashboard => {
+            dashboard::run()?;
+            println!("dashboard: every check passed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DashboardCost(args) => {
+            let config = dashboard::CostConfig {
+                conns: args.conns,
+                inflight: args.inflight,
+                duration: args.duration,
+                rounds: args.rounds.max(1),
+            };
+            let (without, with) = runtime()?.block_on(dashboard::cost(&config))?;
+            println!(
+                "health {}x{}: with a dashboard open {:.4} of without ({:+.2}%), {} rounds of {:?}",
+                config.conns,
+                config.inflight,
+                with / without.max(1e-9),
+                (with / without.max(1e-9) - 1.0) * 100.0,
+                config.rounds,
+                config.duration
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Compare(args) => {
             let config = compare::CompareConfig {
                 shapes: args.shapes,

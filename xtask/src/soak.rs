@@ -388,6 +388,11 @@ impl Gateway {
         format!("ws://127.0.0.1:{}", self.port)
     }
 
+    /// The loopback port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     pub(crate) fn credentials(&self) -> Credentials {
         Credentials {
             token: Some(self.token.clone()),
@@ -537,7 +542,7 @@ pub(crate) fn free_port() -> Result<u16> {
 }
 
 /// A plain HTTP/1.0 GET on loopback: status and body.
-async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+pub(crate) async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
