@@ -69,6 +69,32 @@ pub struct Config {
     pub max_file_bytes: u64,
     /// How long a server-to-client file transfer waits for each `bncr.file.ack`.
     pub file_ack_timeout_ms: u64,
+    /// Most accounts the bridge keeps when `accounts` is not configured;
+    /// a request naming one more account is refused.
+    pub max_accounts: usize,
+    /// An account's lease whose connection has been gone this long is
+    /// pruned (store row and memory).
+    pub lease_ttl_ms: u64,
+    /// Most client-to-gateway file transfers in progress, all accounts.
+    pub max_transfers: usize,
+    /// Most client-to-gateway file transfers in progress per account.
+    pub max_transfers_per_account: usize,
+    /// A client-to-gateway transfer with no init or chunk for this long is
+    /// dropped with its spooled bytes.
+    pub transfer_ttl_ms: u64,
+    /// Smallest `chunkSize` a client may announce (a file smaller than
+    /// this may come in one chunk).
+    pub file_min_chunk_bytes: u64,
+    /// Most chunks one client-to-gateway transfer may have.
+    pub file_max_chunks: u64,
+    /// A newly opened connection counts as an operator for inbound
+    /// hand-on only after this long, so a Bncr client has time to make
+    /// itself known (by calling `bncr.connect`) before it could be taken
+    /// for an operator.
+    pub inbound_grace_ms: u64,
+    /// How often inbound messages no operator has received yet are offered
+    /// again (besides whenever an operator connects).
+    pub inbound_retry_ms: u64,
 }
 
 impl Default for Config {
@@ -88,6 +114,15 @@ impl Default for Config {
             dedupe_ttl_ms: 6 * 3600 * 1000,
             max_file_bytes: 50 * 1024 * 1024,
             file_ack_timeout_ms: 30_000,
+            max_accounts: 64,
+            lease_ttl_ms: 7 * 24 * 3600 * 1000,
+            max_transfers: 16,
+            max_transfers_per_account: 4,
+            transfer_ttl_ms: 10 * 60 * 1000,
+            file_min_chunk_bytes: 16 * 1024,
+            file_max_chunks: 4096,
+            inbound_grace_ms: 1000,
+            inbound_retry_ms: 5000,
         }
     }
 }
@@ -104,6 +139,27 @@ impl Config {
         }
         if cfg.retry_limit == 0 {
             return Err("retryLimit must be at least 1".into());
+        }
+        for (name, v) in [
+            ("maxAccounts", cfg.max_accounts as u64),
+            ("maxTransfers", cfg.max_transfers as u64),
+            (
+                "maxTransfersPerAccount",
+                cfg.max_transfers_per_account as u64,
+            ),
+            ("fileMinChunkBytes", cfg.file_min_chunk_bytes),
+            ("fileMaxChunks", cfg.file_max_chunks),
+            ("inboundRetryMs", cfg.inbound_retry_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if cfg.file_min_chunk_bytes > crate::files::MAX_IN_CHUNK {
+            return Err(format!(
+                "fileMinChunkBytes must be at most {}",
+                crate::files::MAX_IN_CHUNK
+            ));
         }
         Ok(cfg)
     }
@@ -150,7 +206,16 @@ pub fn schema() -> Value {
             },
             "dedupeTtlMs": {"type": "integer", "minimum": 1000, "default": 21600000},
             "maxFileBytes": {"type": "integer", "minimum": 1, "maximum": 52428800, "default": 52428800},
-            "fileAckTimeoutMs": {"type": "integer", "minimum": 1, "default": 30000}
+            "fileAckTimeoutMs": {"type": "integer", "minimum": 1, "default": 30000},
+            "maxAccounts": {"type": "integer", "minimum": 1, "default": 64},
+            "leaseTtlMs": {"type": "integer", "minimum": 1, "default": 604800000u64},
+            "maxTransfers": {"type": "integer", "minimum": 1, "default": 16},
+            "maxTransfersPerAccount": {"type": "integer", "minimum": 1, "default": 4},
+            "transferTtlMs": {"type": "integer", "minimum": 1, "default": 600000},
+            "fileMinChunkBytes": {"type": "integer", "minimum": 1, "maximum": 4194304, "default": 16384},
+            "fileMaxChunks": {"type": "integer", "minimum": 1, "default": 4096},
+            "inboundGraceMs": {"type": "integer", "minimum": 0, "default": 1000},
+            "inboundRetryMs": {"type": "integer", "minimum": 1, "default": 5000}
         }
     })
 }

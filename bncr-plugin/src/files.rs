@@ -12,13 +12,13 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Chunk size of gateway-to-client transfers.
 pub(crate) const OUT_CHUNK: u64 = 256 * 1024;
 /// Largest chunk a client may send in one request.
-const MAX_IN_CHUNK: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_IN_CHUNK: u64 = 4 * 1024 * 1024;
 
 /// A client-to-gateway transfer in progress.
 #[derive(Debug, Clone)]
@@ -34,7 +34,12 @@ pub(crate) struct Transfer {
     spool: PathBuf,
     /// chunk index -> (offset, size)
     received: BTreeMap<u64, (u64, u64)>,
+    /// The last init or chunk (for `transferTtlMs`).
+    touched: Instant,
 }
+
+/// How many missing chunk indexes a `bncr.file.complete` error lists.
+pub(crate) const MISSING_LISTED: usize = 16;
 
 /// What the client answered to a server-pushed file event.
 #[derive(Debug, Clone)]
@@ -155,6 +160,21 @@ impl Bridge {
             )));
         }
         let expected_chunks = file_size.div_ceil(chunk_size).max(1);
+        let (min, max_chunks) = (self.cfg.file_min_chunk_bytes, self.cfg.file_max_chunks);
+        if expected_chunks > 1 && chunk_size < min {
+            self.state().counters.chunking_refused += 1;
+            return Err(RpcError::invalid_request(format!(
+                "chunkSize {chunk_size} is below the minimum {min} (fileMinChunkBytes)"
+            ))
+            .with_details(json!({"code": "chunk-too-small", "minChunkBytes": min})));
+        }
+        if expected_chunks > max_chunks {
+            self.state().counters.chunking_refused += 1;
+            return Err(RpcError::invalid_request(format!(
+                "{expected_chunks} chunks exceed the maximum {max_chunks} (fileMaxChunks)"
+            ))
+            .with_details(json!({"code": "too-many-chunks", "maxChunks": max_chunks})));
+        }
         let total_chunks = p.total_chunks.unwrap_or(expected_chunks);
         if total_chunks != expected_chunks {
             return Err(RpcError::invalid_request(format!(
@@ -169,6 +189,8 @@ impl Bridge {
         if self.state().transfers.contains_key(&id) {
             return Ok(json!({"ok": true, "transferId": id, "status": "init", "duplicated": true}));
         }
+        self.expire_transfers(Instant::now()).await;
+        self.transfer_room(&account)?;
         let spool = self.files_dir().join("spool").join(format!("{id}.part"));
         let sp = spool.clone();
         blocking(move || {
@@ -190,11 +212,23 @@ impl Bridge {
             file_sha256: p.file_sha256.map(|s| s.to_ascii_lowercase()),
             spool,
             received: BTreeMap::new(),
+            touched: Instant::now(),
         };
-        let mut st = self.state();
-        if st.transfers.contains_key(&id) {
+        if self.state().transfers.contains_key(&id) {
             return Ok(json!({"ok": true, "transferId": id, "status": "init", "duplicated": true}));
         }
+        // Checked again with the spool created: a concurrent init may have
+        // taken the last place meanwhile.
+        if let Err(e) = self.transfer_room(&t.account) {
+            let spool = t.spool;
+            let _ = blocking(move || {
+                let _ = std::fs::remove_file(spool);
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+        let mut st = self.state();
         st.transfers.insert(id.clone(), t);
         Ok(json!({"ok": true, "transferId": id, "status": "init", "totalChunks": total_chunks}))
     }
@@ -253,6 +287,7 @@ impl Bridge {
             .get_mut(&id)
             .ok_or_else(|| RpcError::invalid_request("transfer not found"))?;
         t.received.insert(index, (offset, size));
+        t.touched = Instant::now();
         Ok(json!({
             "ok": true, "transferId": id, "chunkIndex": index, "offset": offset,
             "received": t.received.len(), "totalChunks": t.total_chunks,
@@ -272,14 +307,19 @@ impl Bridge {
     pub(crate) async fn file_complete(&self, p: FileEnd) -> Result<Value, RpcError> {
         let id = safe_id(&params::required(p.transfer_id, "transferId")?)?;
         let t = self.transfer(&id)?;
-        let missing: Vec<u64> = (0..t.total_chunks)
-            .filter(|i| !t.received.contains_key(i))
-            .collect();
-        if !missing.is_empty() {
-            return Err(
-                RpcError::invalid_request(format!("missing chunks: {missing:?}"))
-                    .with_details(json!({"code": "missing-chunks", "missing": missing})),
-            );
+        let missing_count = t.total_chunks - t.received.len() as u64;
+        if missing_count > 0 {
+            // Bounded: the count and the first few indexes, never the list.
+            let first: Vec<u64> = (0..t.total_chunks)
+                .filter(|i| !t.received.contains_key(i))
+                .take(MISSING_LISTED)
+                .collect();
+            return Err(RpcError::invalid_request(format!(
+                "missing {missing_count} chunks, first {first:?}"
+            ))
+            .with_details(json!({
+                "code": "missing-chunks", "missingCount": missing_count, "missing": first,
+            })));
         }
         let covered: u64 = t.received.values().map(|(_, s)| s).sum();
         if covered != t.file_size {
@@ -326,6 +366,75 @@ impl Bridge {
             "fileName": t.file_name, "mimeType": t.mime_type, "fileSha256": sha,
             "sessionKey": t.session_key,
         }))
+    }
+
+    /// Refuse a new transfer for `account` when `maxTransfers` or
+    /// `maxTransfersPerAccount` transfers are in progress.
+    fn transfer_room(&self, account: &str) -> Result<(), RpcError> {
+        let mut st = self.state();
+        let total = st.transfers.len();
+        let mine = st
+            .transfers
+            .values()
+            .filter(|t| t.account == account)
+            .count();
+        let (max, per) = (self.cfg.max_transfers, self.cfg.max_transfers_per_account);
+        let which = if total >= max {
+            ("total", max)
+        } else if mine >= per {
+            ("account", per)
+        } else {
+            return Ok(());
+        };
+        st.counters.transfers_refused += 1;
+        drop(st);
+        tracing::warn!(
+            scope = which.0,
+            limit = which.1,
+            "bncr file transfer refused: too many in progress"
+        );
+        Err(RpcError::unavailable(format!(
+            "too many file transfers in progress ({} limit {})",
+            which.0, which.1
+        ))
+        .retryable_after(Some(1000))
+        .with_details(json!({"code": "transfer-limit", "scope": which.0, "limit": which.1})))
+    }
+
+    /// Drop transfers with no init or chunk for `transferTtlMs`, with
+    /// their spooled bytes. Returns how many.
+    pub(crate) async fn expire_transfers(&self, now: Instant) -> usize {
+        let ttl = Duration::from_millis(self.cfg.transfer_ttl_ms);
+        let expired: Vec<(String, PathBuf)> = {
+            let mut st = self.state();
+            let ids: Vec<String> = st
+                .transfers
+                .iter()
+                .filter(|(_, t)| now.saturating_duration_since(t.touched) >= ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let out: Vec<_> = ids
+                .into_iter()
+                .filter_map(|id| st.transfers.remove(&id).map(|t| (id, t.spool)))
+                .collect();
+            st.counters.transfers_expired += out.len() as u64;
+            out
+        };
+        if expired.is_empty() {
+            return 0;
+        }
+        for (id, _) in &expired {
+            tracing::info!(transfer = %id, "bncr file transfer expired");
+        }
+        let n = expired.len();
+        let _ = blocking(move || {
+            for (_, spool) in expired {
+                let _ = std::fs::remove_file(spool);
+            }
+            Ok(())
+        })
+        .await;
+        n
     }
 
     /// Handle `bncr.file.abort`.

@@ -101,7 +101,26 @@ impl BncrPlugin {
     }
 }
 
-fn declare<P, F, Fut>(r: &mut Registrar, name: &str, bridge: &Arc<Bridge>, f: F)
+/// Who calls a method: a Bncr client (its connection is then known as a
+/// client, never taken for an operator), an operator reading state, or an
+/// admin changing it destructively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Client,
+    Operator,
+    Admin,
+}
+
+impl Caller {
+    fn scope(self) -> &'static str {
+        match self {
+            Caller::Client | Caller::Operator => scope::WRITE,
+            Caller::Admin => scope::ADMIN,
+        }
+    }
+}
+
+fn declare<P, F, Fut>(r: &mut Registrar, name: &str, caller: Caller, bridge: &Arc<Bridge>, f: F)
 where
     P: for<'de> Deserialize<'de> + Send + 'static,
     F: Fn(Arc<Bridge>, RequestContext, P) -> Fut + Send + Sync + 'static,
@@ -110,22 +129,30 @@ where
     let b = bridge.clone();
     let f = Arc::new(f);
     r.method(name)
-        .scope(scope::WRITE)
+        .scope(caller.scope())
         .handler(move |ctx, params: Params| {
             let (b, f) = (b.clone(), f.clone());
+            if caller == Caller::Client {
+                b.client_seen(ctx.conn_id());
+            }
             async move { f(b, ctx, params.parse::<P>()?).await }
         });
 }
 
-fn declare_sync<P, F>(r: &mut Registrar, name: &str, bridge: &Arc<Bridge>, f: F)
+fn declare_sync<P, F>(r: &mut Registrar, name: &str, caller: Caller, bridge: &Arc<Bridge>, f: F)
 where
     P: for<'de> Deserialize<'de> + Send + 'static,
     F: Fn(&Bridge, &RequestContext, P) -> Result<Value, RpcError> + Send + Sync + 'static,
 {
     let b = bridge.clone();
     r.method(name)
-        .scope(scope::WRITE)
-        .sync(move |ctx, params: Params| f(&b, ctx, params.parse::<P>()?));
+        .scope(caller.scope())
+        .sync(move |ctx, params: Params| {
+            if caller == Caller::Client {
+                b.client_seen(ctx.conn_id());
+            }
+            f(&b, ctx, params.parse::<P>()?)
+        });
 }
 
 impl Plugin for BncrPlugin {
@@ -138,35 +165,55 @@ impl Plugin for BncrPlugin {
     }
 
     fn register(&self, r: &mut Registrar) {
+        use Caller::{Admin, Client, Operator};
         let b = &self.bridge;
-        declare(r, "bncr.connect", b, |b, ctx, p| async move {
+        declare(r, "bncr.connect", Client, b, |b, ctx, p| async move {
             b.connect(&ctx, p).await
         });
-        declare(r, "bncr.inbound", b, |b, ctx, p| async move {
+        declare(r, "bncr.inbound", Client, b, |b, ctx, p| async move {
             b.inbound(&ctx, p).await
         });
-        declare_sync(r, "bncr.activity", b, |b, ctx, p| b.activity(ctx, p));
-        declare(r, "bncr.ack", b, |b, _ctx, p| async move { b.ack(p).await });
-        declare_sync(r, "bncr.diagnostics", b, |b, _ctx, p| b.diagnostics(p));
-        declare(r, "bncr.file.init", b, |b, _ctx, p| async move {
+        declare_sync(r, "bncr.activity", Client, b, |b, ctx, p| {
+            b.activity(ctx, p)
+        });
+        declare(r, "bncr.ack", Client, b, |b, _ctx, p| async move {
+            b.ack(p).await
+        });
+        declare_sync(r, "bncr.diagnostics", Operator, b, |b, _ctx, p| {
+            b.diagnostics(p)
+        });
+        declare(r, "bncr.file.init", Client, b, |b, _ctx, p| async move {
             b.file_init(p).await
         });
-        declare(r, "bncr.file.chunk", b, |b, _ctx, p| async move {
+        declare(r, "bncr.file.chunk", Client, b, |b, _ctx, p| async move {
             b.file_chunk(p).await
         });
-        declare(r, "bncr.file.complete", b, |b, _ctx, p| async move {
-            b.file_complete(p).await
-        });
-        declare(r, "bncr.file.abort", b, |b, _ctx, p| async move {
+        declare(
+            r,
+            "bncr.file.complete",
+            Client,
+            b,
+            |b, _ctx, p| async move { b.file_complete(p).await },
+        );
+        declare(r, "bncr.file.abort", Client, b, |b, _ctx, p| async move {
             b.file_abort(p).await
         });
-        declare_sync(r, "bncr.file.ack", b, |b, _ctx, p| b.file_ack(p));
-        declare(r, "bncr.deadLetter.inspect", b, |b, _ctx, p| async move {
-            b.dead_inspect(p).await
-        });
-        declare(r, "bncr.deadLetter.prune", b, |b, _ctx, p| async move {
-            b.dead_prune(p).await
-        });
+        declare_sync(r, "bncr.file.ack", Client, b, |b, _ctx, p| b.file_ack(p));
+        declare(
+            r,
+            "bncr.deadLetter.inspect",
+            Operator,
+            b,
+            |b, _ctx, p| async move { b.dead_inspect(p).await },
+        );
+        // Destructive: admins only.
+        declare(
+            r,
+            "bncr.deadLetter.prune",
+            Admin,
+            b,
+            |b, _ctx, p| async move { b.dead_prune(p).await },
+        );
         for e in EVENTS {
             r.event(*e);
         }
@@ -174,6 +221,10 @@ impl Plugin for BncrPlugin {
         r.channel(PLUGIN_ID, Arc::new(BncrChannel { bridge: b.clone() }));
         let hook = b.clone();
         r.on_connection_closed(move |conn| hook.connection_closed(conn));
+        let hook = b.clone();
+        r.on_connection_opened(move |info| hook.connection_opened(info));
+        let health = b.clone();
+        r.health_check(move || health.fault());
     }
 }
 
@@ -321,11 +372,15 @@ mod tests {
         let d = r.into_declarations();
         let names: Vec<&str> = d.methods.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, METHODS);
-        assert!(
-            d.methods
-                .iter()
-                .all(|m| m.scope == RequiredScope::Scope(scope::WRITE.into()))
-        );
+        for m in &d.methods {
+            let want = if m.name == "bncr.deadLetter.prune" {
+                scope::ADMIN
+            } else {
+                scope::WRITE
+            };
+            assert_eq!(m.scope, RequiredScope::Scope(want.into()), "{}", m.name);
+        }
+        assert_eq!((d.connection_opened.len(), d.health.len()), (1, 1));
         assert_eq!(d.events, EVENTS);
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.channels.len(), 1);

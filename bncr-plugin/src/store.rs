@@ -1,12 +1,17 @@
-//! The durable store: one SQLite database served by a dedicated thread.
+//! The durable store: one SQLite database, its queries run in order on
+//! tokio's blocking pool.
 //!
-//! Every query of a running generation runs on the store thread, so no
-//! async worker blocks on SQLite. Jobs run in the order they were
-//! submitted; fire-and-forget writes ([`Store::enqueue`]) therefore land
-//! before any later awaited job. Open (with restore) and close, the two
-//! steps on the restart path, run on the restarting task's own thread
-//! (`block_in_place`) so a restart never waits for another thread to be
-//! scheduled.
+//! Every query of a running generation runs off the async workers. Jobs run
+//! in the order they were submitted, one at a time, by a runner borrowed
+//! from the blocking pool while there is work (and for a short idle wait
+//! before a checkpoint); fire-and-forget writes ([`Store::enqueue`])
+//! therefore land before any later awaited job. No thread belongs to a
+//! store or a generation: the pool's threads are reused across restarts, so
+//! restarting creates no OS threads (and so no new malloc arenas).
+//!
+//! Open (with restore) and close, the two steps on the restart path, are
+//! awaited on the blocking pool too, so the host's service start and stop
+//! timeouts can fire while SQLite blocks (a busy lock, a slow disk).
 //!
 //! Durability: `synchronous=FULL` in WAL mode, so a commit is fsynced
 //! before its caller hears back (`send` returns, `accepted:true`) and
@@ -22,9 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// The newest schema version this code knows.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send + 'static>;
+/// A queued job. It records its own outcome in the fault state before it
+/// answers its caller, so a caller never sees a result the health check
+/// has not seen.
+type Job = Box<dyn FnOnce(&mut Connection, &Shared) + Send + 'static>;
 
 /// A store failure, as text for logs and error replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,16 +54,17 @@ impl From<rusqlite::Error> for StoreError {
 /// the database (`wal_checkpoint(TRUNCATE)`) if anything was written since
 /// the last checkpoint. This keeps the WAL, and so the recovery work of the
 /// next open, small without putting a checkpoint on the restart path.
+/// (The runner waits this long on its pool thread before it returns.)
 const IDLE_CHECKPOINT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Handle to the store thread. Closing it finishes queued jobs and closes
-/// the database.
+/// Handle to the store. Closing it finishes queued jobs and closes the
+/// database.
 ///
 /// Durability does not rest on checkpoints: every commit is fsynced to the
 /// WAL (`synchronous=FULL`) before its caller hears back, and SQLite replays
 /// the WAL on the next open, after a clean close and after kill -9 alike.
 /// So closing skips the checkpoint SQLite would otherwise run (and fsync)
-/// on the last close (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`); the store thread
+/// on the last close (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`); the runner
 /// checkpoints when idle instead, and SQLite's auto-checkpoint (1000 pages)
 /// bounds the WAL under sustained load.
 #[derive(Debug)]
@@ -64,13 +73,21 @@ pub(crate) struct Store {
     shared: Arc<Shared>,
 }
 
-/// What the store thread and the handle share. Lock order: `queue`, then
+/// What the runner and the handle share. Lock order: `queue`, then
 /// `conn`. A job is popped and `conn` locked under one `queue` lock, so a
 /// closer that takes the remaining jobs runs them after the one in hand.
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
     conn: Mutex<Option<Connection>>,
+    /// Where runners are borrowed from.
+    runtime: tokio::runtime::Handle,
+    /// SQLite opened the database read-only.
+    read_only: bool,
+    /// The last job's failure, until a later job writes successfully.
+    fault: Mutex<Option<String>>,
+    /// Jobs that failed, since open.
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -83,25 +100,24 @@ impl std::fmt::Debug for Shared {
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// A runner is serving the queue. Invariant (under this lock): jobs
+    /// queued and not closed imply a runner.
+    running: bool,
+    /// Whether anything was written since the last checkpoint.
+    dirty: bool,
 }
 
-/// Run blocking `f` without a thread hand-off when the runtime allows it
-/// (multi-thread: `block_in_place`), else on the blocking pool.
+/// Run blocking `f` on tokio's blocking pool and await it: the awaiting
+/// future stays cancellable (a timeout around it fires on time) while `f`
+/// runs to completion on its own.
 async fn blocking<R, F>(f: F) -> Result<R, StoreError>
 where
     R: Send + 'static,
     F: FnOnce() -> R + Send + 'static,
 {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            Ok(tokio::task::block_in_place(f))
-        }
-        Ok(_) => tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| StoreError(format!("store task: {e}"))),
-        Err(_) => Ok(f()),
-    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError(format!("store task: {e}")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,32 +151,31 @@ fn checkpoint(conn: &Connection) {
 }
 
 impl Store {
-    /// Open (creating and migrating) the database at `path`, run `init` on
-    /// it (restoring state), then hand the connection to a new store thread
-    /// that serves jobs. The caller's thread does the opening, so nothing
-    /// waits for another thread to be scheduled.
+    /// Open (creating and migrating) the database at `path` and run `init`
+    /// on it (restoring state), on the blocking pool. Must be called inside
+    /// a tokio runtime; later jobs run on that runtime's blocking pool.
     pub(crate) async fn open<R, F>(path: &Path, init: F) -> Result<(Store, R), StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let db = path.to_path_buf();
-        let (conn, r) = blocking(move || {
+        let (conn, r, read_only) = blocking(move || {
             let mut conn = open_connection(&db)?;
             let r = init(&mut conn)?;
-            Ok::<_, StoreError>((conn, r))
+            let read_only = conn.is_readonly(rusqlite::MAIN_DB)?;
+            Ok::<_, StoreError>((conn, r, read_only))
         })
         .await??;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
             conn: Mutex::new(Some(conn)),
+            runtime: tokio::runtime::Handle::current(),
+            read_only,
+            fault: Mutex::new(None),
+            failures: Default::default(),
         });
-        let s2 = shared.clone();
-        std::thread::Builder::new()
-            .name("bncr-store".into())
-            .spawn(move || serve(&s2))
-            .map_err(|e| StoreError(format!("store thread: {e}")))?;
         Ok((
             Store {
                 path: path.to_path_buf(),
@@ -180,15 +195,40 @@ impl Store {
         !lock(&self.shared.queue).closed
     }
 
-    /// Run `f` on the store thread and wait for its result.
+    /// Why the store cannot do its job, if it cannot: SQLite opened the
+    /// database read-only (the file or its directory is not writable), or
+    /// the last job failed and no write has succeeded since.
+    pub(crate) fn fault(&self) -> Option<String> {
+        if self.shared.read_only {
+            return Some(format!("{} is read-only", self.path.display()));
+        }
+        lock(&self.shared.fault).clone()
+    }
+
+    /// Whether SQLite opened the database read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    /// How many jobs failed since the store opened.
+    pub(crate) fn failures(&self) -> u64 {
+        self.shared
+            .failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Run `f` on the store's runner and wait for its result.
     pub(crate) async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |c| {
-            let _ = tx.send(f(c));
+        let job: Job = Box::new(move |c, shared| {
+            let before = c.total_changes();
+            let r = f(c);
+            shared.record(c, before, r.as_ref().err());
+            let _ = tx.send(r);
         });
         self.submit(job)?;
         rx.await
@@ -200,10 +240,13 @@ impl Store {
     where
         F: FnOnce(&mut Connection) -> Result<(), StoreError> + Send + 'static,
     {
-        let job: Job = Box::new(move |c| {
-            if let Err(e) = f(c) {
+        let job: Job = Box::new(move |c, shared| {
+            let before = c.total_changes();
+            let r = f(c);
+            if let Err(e) = &r {
                 tracing::warn!(error = %e, what, "bncr store write failed");
             }
+            shared.record(c, before, r.as_ref().err());
         });
         if self.submit(job).is_err() {
             tracing::debug!(what, "bncr store closed; write skipped");
@@ -216,14 +259,23 @@ impl Store {
             return Err(StoreError("store is not open".into()));
         }
         q.jobs.push_back(job);
+        let start = !q.running;
+        q.running = true;
         drop(q);
-        self.shared.ready.notify_one();
+        if start {
+            let shared = self.shared.clone();
+            // Dropping the join handle detaches the runner; it ends when
+            // the queue is empty (and checkpointed) or closed.
+            drop(self.shared.runtime.spawn_blocking(move || serve(&shared)));
+        } else {
+            self.shared.ready.notify_one();
+        }
         Ok(())
     }
 
     /// Stop accepting work, run the jobs still queued, close the database.
-    /// Done on the caller's thread (after any job the store thread is
-    /// running), so it waits for no other thread to be scheduled; when this
+    /// Runs on the blocking pool (after any job a runner has in hand); the
+    /// caller awaits it, so a timeout around `close` can fire. When this
     /// returns the database is closed. Idempotent.
     pub(crate) async fn close(&self) {
         let shared = self.shared.clone();
@@ -247,7 +299,7 @@ impl Shared {
         self.ready.notify_one();
         if let Some(mut conn) = conn {
             for job in rest {
-                run(job, &mut conn);
+                self.run(job, &mut conn);
             }
             close_connection(conn);
         }
@@ -255,19 +307,43 @@ impl Shared {
 }
 
 impl Drop for Store {
-    /// Without [`Store::close`] (a generation dropped without stopping):
-    /// the store thread finishes the queue and closes the database.
+    /// Without [`Store::close`] (a generation dropped without stopping): a
+    /// runner still serving finishes the queue and closes the database;
+    /// with no runner the queue is empty and the database closes when the
+    /// last reference goes.
     fn drop(&mut self) {
         lock(&self.shared.queue).closed = true;
         self.shared.ready.notify_one();
     }
 }
 
-/// Run one job; a panicking job is logged and does not take the store
-/// down with it.
-fn run(job: Job, conn: &mut Connection) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))).is_err() {
-        tracing::error!("bncr store job panicked");
+impl Shared {
+    /// Run one job. A panicking job is logged (and counted as a failure)
+    /// and does not take the store down with it.
+    fn run(&self, job: Job, conn: &mut Connection) {
+        let panicked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn, self))).is_err();
+        if panicked {
+            tracing::error!("bncr store job panicked");
+            let e = StoreError("store job panicked".into());
+            self.record(conn, conn.total_changes(), Some(&e));
+        }
+    }
+
+    /// Keep the fault state after a job: a failure is remembered until a
+    /// later job writes successfully (`before` is the connection's change
+    /// count before the job).
+    fn record(&self, conn: &Connection, before: u64, failed: Option<&StoreError>) {
+        let mut fault = lock(&self.fault);
+        match failed {
+            Some(e) => {
+                self.failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *fault = Some(e.to_string());
+            }
+            None if conn.total_changes() != before => *fault = None,
+            None => {}
+        }
     }
 }
 
@@ -277,51 +353,54 @@ fn close_connection(conn: Connection) {
     }
 }
 
-/// The store thread's loop: run jobs in order; checkpoint when idle after
-/// writes; once closed and drained, close the database unless a closer
-/// already took it.
+/// A runner's loop, on a blocking-pool thread: run jobs in order; when the
+/// queue is empty after writes, wait [`IDLE_CHECKPOINT`] for more work, then
+/// checkpoint; return when there is nothing left to do. Once closed and
+/// drained, close the database unless a closer already took it.
 fn serve(shared: &Shared) {
-    let mut checkpointed_at = lock(&shared.conn).as_ref().map(Connection::total_changes);
-    let mut dirty = false;
     let mut q = lock(&shared.queue);
     loop {
         if let Some(job) = q.jobs.pop_front() {
             let mut c = lock(&shared.conn);
             drop(q);
             if let Some(conn) = c.as_mut() {
-                run(job, conn);
-                dirty = Some(conn.total_changes()) != checkpointed_at;
+                let before = conn.total_changes();
+                shared.run(job, conn);
+                let wrote = conn.total_changes() != before;
+                drop(c);
+                q = lock(&shared.queue);
+                q.dirty |= wrote;
+            } else {
+                drop(c);
+                q = lock(&shared.queue);
             }
-            drop(c);
-            q = lock(&shared.queue);
             continue;
         }
         if q.closed {
-            break;
-        }
-        if dirty {
-            let (guard, timeout) = shared
-                .ready
-                .wait_timeout(q, IDLE_CHECKPOINT)
-                .unwrap_or_else(|e| e.into_inner());
-            q = guard;
-            if timeout.timed_out() && q.jobs.is_empty() && !q.closed {
-                drop(q);
-                if let Some(conn) = lock(&shared.conn).as_ref() {
-                    checkpoint(conn);
-                    checkpointed_at = Some(conn.total_changes());
-                }
-                dirty = false;
-                q = lock(&shared.queue);
+            q.running = false;
+            drop(q);
+            if let Some(conn) = lock(&shared.conn).take() {
+                close_connection(conn);
             }
-        } else {
-            q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            return;
         }
-    }
-    drop(q);
-    let conn = lock(&shared.conn).take();
-    if let Some(conn) = conn {
-        close_connection(conn);
+        if !q.dirty {
+            q.running = false;
+            return;
+        }
+        let (guard, timeout) = shared
+            .ready
+            .wait_timeout(q, IDLE_CHECKPOINT)
+            .unwrap_or_else(|e| e.into_inner());
+        q = guard;
+        if timeout.timed_out() && q.jobs.is_empty() && !q.closed {
+            q.dirty = false;
+            drop(q);
+            if let Some(conn) = lock(&shared.conn).as_ref() {
+                checkpoint(conn);
+            }
+            q = lock(&shared.queue);
+        }
     }
 }
 
@@ -408,6 +487,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
              CREATE INDEX dead_letter_account ON dead_letter(account_id);",
         )?;
     }
+    if version < 3 {
+        // Connections known as Bncr clients, so that a later generation
+        // does not take a client connected across the restart for an
+        // operator. Connection ids are unique across process lifetimes.
+        tx.execute_batch("CREATE TABLE client_conns(conn_id INTEGER PRIMARY KEY);")?;
+    }
     // Later versions append `if version < N { ... }` blocks here.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -461,6 +546,8 @@ pub(crate) struct Restored {
     pub(crate) dead_letters: Vec<(String, u64)>,
     pub(crate) leases: Vec<LeaseRow>,
     pub(crate) inbound_pending: Vec<InboundRow>,
+    /// Connections known as Bncr clients.
+    pub(crate) client_conns: Vec<u64>,
 }
 
 fn parse_json(text: &str) -> Value {
@@ -527,6 +614,11 @@ pub(crate) fn restore(conn: &Connection) -> Result<Restored, StoreError> {
     })?;
     for row in rows {
         out.inbound_pending.push(row?);
+    }
+    let mut st = conn.prepare("SELECT conn_id FROM client_conns")?;
+    let rows = st.query_map([], |r| r.get::<_, u64>(0))?;
+    for row in rows {
+        out.client_conns.push(row?);
     }
     Ok(out)
 }
@@ -664,6 +756,29 @@ pub(crate) fn put_lease(conn: &mut Connection, lease: &LeaseRow) -> Result<(), S
             lease.accepted_at
         ],
     )?;
+    Ok(())
+}
+
+/// Remember that a connection is a Bncr client (`known`) or forget it.
+pub(crate) fn put_client_conn(
+    conn: &mut Connection,
+    conn_id: u64,
+    known: bool,
+) -> Result<(), StoreError> {
+    if known {
+        conn.execute(
+            "INSERT OR IGNORE INTO client_conns(conn_id) VALUES (?1)",
+            [conn_id],
+        )?;
+    } else {
+        conn.execute("DELETE FROM client_conns WHERE conn_id = ?1", [conn_id])?;
+    }
+    Ok(())
+}
+
+/// Delete an account's lease.
+pub(crate) fn delete_lease(conn: &mut Connection, account_id: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM leases WHERE account_id = ?1", [account_id])?;
     Ok(())
 }
 
@@ -900,7 +1015,8 @@ mod crash_tests {
         let c = Connection::open(&path).unwrap();
         c.execute_batch(
             "DROP INDEX idempotency_created; DROP INDEX inbound_route;
-             DROP INDEX dead_letter_account; PRAGMA user_version = 1;",
+             DROP INDEX dead_letter_account; DROP TABLE client_conns;
+             PRAGMA user_version = 1;",
         )
         .unwrap();
         drop(c);

@@ -18,7 +18,7 @@ fn sha(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_file_end_to_end_and_corrupted_chunk_rejected() {
-    let host = Host::new(json!({}));
+    let host = Host::new(json!({"fileMinChunkBytes": 4096}));
     let g = host.start(1).await;
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     let chunk = 4096usize;
@@ -45,7 +45,12 @@ async fn client_file_end_to_end_and_corrupted_chunk_rejected() {
         .call(1, "bncr.file.complete", json!({"transferId": "t-1"}))
         .await
         .unwrap_err();
-    assert!(early.message.contains("missing chunks"), "{early}");
+    assert!(early.message.contains("missing 3 chunks"), "{early}");
+    let d = early.details.unwrap();
+    assert_eq!(
+        (d["missingCount"].as_u64(), d["missing"].clone()),
+        (Some(3), json!([0, 1, 2]))
+    );
 
     for (i, part) in data.chunks(chunk).enumerate() {
         let r = g

@@ -8,6 +8,8 @@ use serde_json::json;
 use std::time::Duration;
 
 const TO: &str = "Bncr:qq:0:10001";
+/// A chat operator connection (not a Bncr client).
+const OP: u64 = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_unacked_survive_a_generation_swap_on_the_same_connection() {
@@ -83,6 +85,7 @@ async fn duplicate_msg_id_is_deduped_across_a_swap() {
     let host = Host::new(json!({}));
     let inbound =
         json!({"platform": "qq", "groupId": "0", "userId": "42", "msg": "hi", "msgId": "m-1"});
+    host.transport.connect(OP);
     let g1 = host.start(1).await;
     let r = g1.ok(1, "bncr.inbound", inbound.clone()).await;
     assert_eq!(r["accepted"], true);
@@ -121,12 +124,21 @@ async fn journaled_but_not_handed_on_is_handed_on_by_the_next_generation() {
     )
     .unwrap();
     drop(c);
+    host.transport.connect(OP);
     let g2 = host.start(2).await;
+    host.transport
+        .wait_for("hand-on", Duration::from_secs(5), |t| {
+            !t.named("chat.inbound").is_empty()
+        })
+        .await;
     let ev = host.transport.named("chat.inbound");
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].payload["msgId"], "lost-1");
     g2.stop().await;
     let g3 = host.start(3).await;
+    // Restored as handed on: nothing pending to offer again.
+    let d = g3.ok(1, "bncr.diagnostics", json!({})).await;
+    assert_eq!(d["inboundPending"], 0, "{d}");
     assert_eq!(
         host.transport.named("chat.inbound").len(),
         1,

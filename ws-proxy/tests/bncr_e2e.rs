@@ -570,15 +570,61 @@ async fn malformed_params_answer_errors_and_keep_the_connection() {
         ("bncr.ack", json!({"messageId": 42}), Some("invalid params")),
         ("bncr.ack", json!({"messageId": "never-sent"}), None),
         (
-            "bncr.deadLetter.prune",
-            json!({"dryRun": false}),
-            Some("deadLetter-prune-requires-filter"),
-        ),
-        ("bncr.deadLetter.prune", json!({}), None),
-        (
             "bncr.deadLetter.inspect",
             json!({"limit": "ten"}),
             Some("invalid params"),
+        ),
+        // Every number in range, else INVALID_REQUEST (never a panic, an
+        // overflow or an SQL error).
+        (
+            "bncr.deadLetter.inspect",
+            json!({"olderThan": u64::MAX}),
+            Some("olderThan must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"olderThan": i64::MAX}),
+            Some("olderThan must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"offset": u64::MAX}),
+            Some("offset must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"offset": 1_000_000_001u64}),
+            Some("offset must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"offset": 1_000_000_000u64}),
+            None,
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"limit": 0}),
+            Some("limit must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"limit": 501}),
+            Some("limit must be"),
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"limit": 500, "olderThan": 0}),
+            None,
+        ),
+        (
+            "bncr.deadLetter.inspect",
+            json!({"olderThan": -1}),
+            Some("invalid params"),
+        ),
+        (
+            "bncr.file.init",
+            json!({"transferId": "amp", "fileSize": 52428800u64, "chunkSize": 1}),
+            Some("chunkSize 1 is below the minimum"),
         ),
         (
             "bncr.file.init",
@@ -652,12 +698,25 @@ async fn malformed_params_answer_errors_and_keep_the_connection() {
             None => assert_eq!(res["ok"], true, "{method} {params}: {res}"),
         }
     }
-    let res =
-        b.c.call("bncr.deadLetter.prune", json!({"dryRun": false}))
-            .await;
+    // Prune is destructive: operator.write is refused, an admin is asked
+    // for a filter.
+    let res = b.c.call("bncr.deadLetter.prune", json!({})).await;
+    assert_eq!(res["error"]["code"], "FORBIDDEN", "{res}");
+    let (mut admin, _) = Client::admin(&p.url()).await;
+    let res = admin
+        .call("bncr.deadLetter.prune", json!({"dryRun": false}))
+        .await;
     assert_eq!(
         res["error"]["details"]["code"], "deadLetter-prune-requires-filter",
         "{res}"
+    );
+    let res = admin
+        .call("bncr.deadLetter.prune", json!({"olderThan": u64::MAX}))
+        .await;
+    assert_eq!(res["error"]["code"], "INVALID_REQUEST", "{res}");
+    assert_eq!(
+        payload(&admin.call("bncr.deadLetter.prune", json!({})).await)["dryRun"],
+        true
     );
     let res =
         b.c.call("bncr.ack", json!({"messageId": "never-sent"}))
@@ -796,4 +855,148 @@ async fn file_transfer_over_the_wire() {
     assert_eq!(r["status"], "aborted", "{r}");
     let act = payload(&b.c.call("bncr.activity", b.leased(json!({}))).await);
     assert_eq!(act["ok"], true, "{act}");
+}
+
+/// `inboundPending` in `bncr.diagnostics`, as seen by `c`.
+async fn inbound_pending(c: &mut Client) -> u64 {
+    payload(&c.call("bncr.diagnostics", json!({})).await)["inboundPending"]
+        .as_u64()
+        .unwrap()
+}
+
+/// No `chat.inbound` among the events `c` has buffered.
+fn no_inbound_buffered(c: &Client) -> bool {
+    !c.events.iter().any(|e| e["event"] == "chat.inbound")
+}
+
+/// Accepted while no operator is connected: the message waits, through an
+/// in-process restart and a kill -9, and reaches the first operator that
+/// connects exactly once, in order; the Bncr client's own connection (an
+/// operator.write connection too) never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_waits_for_an_operator_and_arrives_once_across_restarts() {
+    let cfg = "inboundGraceMs = 200\ninboundRetryMs = 100\n";
+    let mut p = gateway(cfg).await;
+    let (mut b, _) = Bncr::join(&p.url(), None).await;
+    assert_eq!(b.inbound("42", "w-1", "first").await["accepted"], true);
+    p.signal(Signal::SIGUSR1);
+    b.c.event("gateway.generation").await;
+    assert_eq!(inbound_pending(&mut b.c).await, 1, "kept through SIGUSR1");
+    assert_eq!(b.inbound("42", "w-2", "second").await["accepted"], true);
+    assert_eq!(inbound_pending(&mut b.c).await, 2);
+    kill_9(&mut p).await;
+
+    let p = restart_on(p).await;
+    let (mut b, _) = Bncr::join(&p.url(), None).await;
+    assert_eq!(inbound_pending(&mut b.c).await, 2, "kept through kill -9");
+    let mut op = operator(&p.url()).await;
+    for (id, msg) in [("w-1", "first"), ("w-2", "second")] {
+        let ev = op.event("chat.inbound").await["payload"].clone();
+        assert_eq!(
+            (ev["msgId"].as_str(), ev["msg"].as_str()),
+            (Some(id), Some(msg)),
+            "{ev}"
+        );
+    }
+    assert_eq!(inbound_pending(&mut b.c).await, 0);
+    // The next inbound event is the next message: nothing was repeated.
+    b.inbound("42", "w-3", "third").await;
+    assert_eq!(op.event("chat.inbound").await["payload"]["msgId"], "w-3");
+    assert!(no_inbound_buffered(&op), "{:?}", op.events);
+    // Another restart: nothing is offered again.
+    p.signal(Signal::SIGUSR1);
+    op.event("gateway.generation").await;
+    b.inbound("42", "w-4", "fourth").await;
+    assert_eq!(op.event("chat.inbound").await["payload"]["msgId"], "w-4");
+    assert!(no_inbound_buffered(&op), "{:?}", op.events);
+    assert!(
+        no_inbound_buffered(&b.c),
+        "the Bncr client got its own inbound"
+    );
+}
+
+/// Store writes failing (here: the database refuses inserts into the
+/// outbox, as a full or read-only disk would): `health` and `/readyz` say
+/// so with the reason instead of claiming health while every `send` fails,
+/// and recover once a write succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_store_writes_fail_health_and_readiness_with_the_reason() {
+    let p = gateway(QUICK).await;
+    let (mut admin, _) = Client::admin(&p.url()).await;
+    let send = |key: &str| json!({"channel": "bncr", "to": "Bncr:qq:0:1", "message": "x", "idempotencyKey": key});
+    assert_eq!(admin.call("send", send("w-0")).await["ok"], true);
+    let (status, _, body) = http(p.addr, "GET", "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let db = rusqlite::Connection::open(p.dir.path().join("state/bncr/bncr.sqlite3")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk refuses writes'); END;",
+    )
+    .unwrap();
+    let res = admin.call("send", send("w-1")).await;
+    assert_eq!(res["error"]["code"], "UNAVAILABLE", "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disk refuses writes"),
+        "{res}"
+    );
+    let health = payload(&admin.call("health", json!({})).await);
+    assert_eq!(health["ok"], false, "{health}");
+    let degraded = &health["plugins"]["degraded"][0];
+    assert_eq!(degraded["id"], "bncr", "{health}");
+    assert!(
+        degraded["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disk refuses writes"),
+        "{health}"
+    );
+    let (status, _, body) = http(p.addr, "GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("degradedPlugins") && body.contains("disk refuses writes"),
+        "{body}"
+    );
+    let diag = payload(&admin.call("bncr.diagnostics", json!({})).await);
+    assert!(diag["store"]["failures"].as_u64().unwrap() >= 1, "{diag}");
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    let res = admin.call("send", send("w-2")).await;
+    assert_eq!(res["ok"], true, "{res}");
+    let health = payload(&admin.call("health", json!({})).await);
+    assert_eq!(health["ok"], true, "{health}");
+    let (status, _, body) = http(p.addr, "GET", "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A database SQLite can only open read-only is reported degraded from the
+/// start. (File modes do not bind root, so this runs only as another user.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_is_reported_degraded() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = gateway(QUICK).await;
+    let (mut admin, _) = Client::admin(&p.url()).await;
+    let dir = p.dir.path().join("state/bncr");
+    let set_mode = |mode: u32| {
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap().path();
+            if f.is_file() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
+    };
+    set_mode(0o444);
+    let db = dir.join("bncr.sqlite3");
+    if std::fs::OpenOptions::new().write(true).open(&db).is_ok() {
+        eprintln!("skipped: file modes do not bind this user (root)");
+        return;
+    }
+    p.signal(Signal::SIGUSR1);
+    admin.event("gateway.generation").await;
+    let health = payload(&admin.call("health", json!({})).await);
+    assert_eq!(health["ok"], false, "{health}");
+    let (status, _, body) = http(p.addr, "GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("read-only"), "{body}");
+    set_mode(0o644);
 }

@@ -1,19 +1,23 @@
 //! A tiny in-process host that drives the plugin the way gateway-core does:
 //! one `ScopeLife` per generation, services started in order and stopped in
-//! reverse, then the generation retired.
+//! reverse, then the generation retired. Its transport answers like the real
+//! connection table: a connection is an authenticated operator holding the
+//! scopes it was given (Bncr clients connect as operators with
+//! `operator.write`, exactly like the real client), and a broadcast reaches,
+//! and counts, only the connections that hold the scope.
 
 #![allow(dead_code, unreachable_pub)]
 
 use plugin_api::{
-    Channel, ConnId, Declarations, EventSink, EventTransport, Handler, LifeController,
-    OutboundEvent, OutboundMessage, Params, PluginContext, Registrar, RequestContext, RpcError,
-    ScopeLife, Value,
+    Channel, ClientInfo, ConnId, ConnectionInfo, Declarations, EventSink, EventTransport, Handler,
+    LifeController, OutboundEvent, OutboundMessage, Params, PluginContext, Registrar,
+    RequestContext, Role, RpcError, ScopeLife, Scopes, Value,
 };
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// One recorded event; `conn` is `None` for a broadcast.
+/// One recorded event, queued for connection `conn`.
 #[derive(Debug, Clone)]
 pub struct Ev {
     pub conn: Option<u64>,
@@ -21,44 +25,94 @@ pub struct Ev {
     pub payload: Value,
 }
 
-/// Records events; connections in `connected` accept, others refuse.
+/// Records every event a connection accepted; connections not connected
+/// refuse.
 #[derive(Debug, Default)]
 pub struct Transport {
-    connected: Mutex<HashSet<u64>>,
+    connected: Mutex<HashMap<u64, Arc<ConnectionInfo>>>,
     events: Mutex<Vec<Ev>>,
+}
+
+impl Transport {
+    fn deliver(&self, conn: u64, ev: &OutboundEvent) {
+        self.events.lock().unwrap().push(Ev {
+            conn: Some(conn),
+            name: ev.name.to_string(),
+            payload: serde_json::from_str(ev.payload.get()).unwrap(),
+        });
+    }
+
+    /// Connections holding `scope` as operators, minus `except`, in id order.
+    fn operators(&self, scope: &str, except: &[ConnId]) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .connected
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|c| c.role == Role::Operator && c.scopes.allows(scope))
+            .map(|c| c.conn_id.0)
+            .filter(|c| !except.contains(&ConnId(*c)))
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 impl EventTransport for Transport {
     fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
-        if !self.connected.lock().unwrap().contains(&conn.0) {
+        if !self.is_connected(conn) {
             return false;
         }
-        self.events.lock().unwrap().push(Ev {
-            conn: Some(conn.0),
-            name: ev.name.to_string(),
-            payload: serde_json::from_str(ev.payload.get()).unwrap(),
-        });
+        self.deliver(conn.0, ev);
         true
     }
-    fn broadcast(&self, _scope: &str, ev: &OutboundEvent) -> usize {
-        self.events.lock().unwrap().push(Ev {
-            conn: None,
-            name: ev.name.to_string(),
-            payload: serde_json::from_str(ev.payload.get()).unwrap(),
-        });
-        1
+    fn broadcast(&self, scope: &str, ev: &OutboundEvent) -> usize {
+        self.broadcast_except(scope, &[], ev)
+    }
+    fn broadcast_except(&self, scope: &str, except: &[ConnId], ev: &OutboundEvent) -> usize {
+        let to = self.operators(scope, except);
+        for c in &to {
+            self.deliver(*c, ev);
+        }
+        to.len()
+    }
+    fn connection_count(&self) -> usize {
+        self.connected.lock().unwrap().len()
     }
     fn is_connected(&self, conn: ConnId) -> bool {
-        self.connected.lock().unwrap().contains(&conn.0)
+        self.connected.lock().unwrap().contains_key(&conn.0)
     }
 }
 
+/// The connection info of an operator holding `scopes`.
+pub fn operator_info(conn: u64, scopes: &[&str]) -> Arc<ConnectionInfo> {
+    Arc::new(ConnectionInfo {
+        conn_id: ConnId(conn),
+        role: Role::Operator,
+        scopes: Scopes::new(scopes.iter().copied()),
+        client: ClientInfo::default(),
+    })
+}
+
 impl Transport {
+    /// An authenticated operator connection with `operator.write`: what a
+    /// Bncr client and a chat operator both are.
     pub fn connect(&self, conn: u64) {
-        self.connected.lock().unwrap().insert(conn);
+        self.connect_as(operator_info(conn, &["operator.write"]));
+    }
+    pub fn connect_as(&self, info: Arc<ConnectionInfo>) {
+        self.connected.lock().unwrap().insert(info.conn_id.0, info);
     }
     pub fn disconnect(&self, conn: u64) {
         self.connected.lock().unwrap().remove(&conn);
+    }
+    /// Payloads of `name` events queued for `conn`, in order.
+    pub fn to_conn(&self, conn: u64, name: &str) -> Vec<Value> {
+        self.named(name)
+            .into_iter()
+            .filter(|e| e.conn == Some(conn))
+            .map(|e| e.payload)
+            .collect()
     }
     pub fn events(&self) -> Vec<Ev> {
         self.events.lock().unwrap().clone()
@@ -102,6 +156,7 @@ pub struct Host {
 pub struct Gen {
     pub ctl: LifeController,
     pub decl: Declarations,
+    transport: Arc<Transport>,
 }
 
 impl Host {
@@ -133,7 +188,11 @@ impl Host {
         for s in &decl.services {
             s.clone().start().await.expect("service starts");
         }
-        Gen { ctl, decl }
+        Gen {
+            ctl,
+            decl,
+            transport: self.transport.clone(),
+        }
     }
 }
 
@@ -145,7 +204,19 @@ impl Gen {
             .iter()
             .find(|m| m.name == method)
             .unwrap_or_else(|| panic!("method {method} not declared"));
-        let ctx = RequestContext::internal(ConnId(conn));
+        // The caller is the connection as the transport knows it (an
+        // unknown id calls as an internal admin), checked like the host
+        // checks it.
+        let info = self.transport.connected.lock().unwrap().get(&conn).cloned();
+        let ctx = match info {
+            Some(info) => RequestContext::new(info),
+            None => RequestContext::internal(ConnId(conn)),
+        };
+        if let Some(needed) = spec.scope.as_str()
+            && !ctx.scopes().allows(needed)
+        {
+            return Err(RpcError::forbidden(format!("missing scope: {needed}")));
+        }
         let params = Params::from_value(&params);
         match &spec.handler {
             Handler::Sync(h) => h(&ctx, params),
@@ -181,6 +252,21 @@ impl Gen {
         )
         .await
         .map(|r| r.message_id)
+    }
+
+    /// A connection opens as the real host does it: it joins the table,
+    /// then the connection-opened hooks run.
+    pub fn open(&self, transport: &Transport, info: Arc<ConnectionInfo>) {
+        transport.connect_as(info.clone());
+        for h in &self.decl.connection_opened {
+            h(&info);
+        }
+    }
+
+    /// What the host's `health` would report for this plugin: the first
+    /// degraded reason, if any.
+    pub fn degraded(&self) -> Option<String> {
+        self.decl.health.iter().find_map(|h| h())
     }
 
     pub fn connection_closed(&self, conn: u64) {

@@ -1,0 +1,287 @@
+//! Inbound messages: policy, journaling, dedupe and hand-on to operators.
+
+use super::*;
+
+impl Bridge {
+    // ---------------------------------------------------------------- inbound
+
+    pub(super) fn allowed(&self, route: &Route) -> Result<(), &'static str> {
+        let (policy, list, id) = if route.group_id == "0" {
+            (self.cfg.dm_policy, &self.cfg.allow_from, &route.user_id)
+        } else {
+            (
+                self.cfg.group_policy,
+                &self.cfg.group_allow_from,
+                &route.group_id,
+            )
+        };
+        match policy {
+            Policy::Open => Ok(()),
+            Policy::Disabled => Err(if route.group_id == "0" {
+                "dm-disabled"
+            } else {
+                "group-disabled"
+            }),
+            Policy::Allowlist => {
+                let qualified = format!("{}:{id}", route.platform);
+                if list.iter().any(|e| e == id || *e == qualified || e == "*") {
+                    Ok(())
+                } else {
+                    Err("not-allowlisted")
+                }
+            }
+        }
+    }
+
+    /// Handle `bncr.inbound`.
+    pub(crate) async fn inbound(
+        &self,
+        ctx: &RequestContext,
+        p: params::Inbound,
+    ) -> Result<Value, RpcError> {
+        let route = inbound_route(&p.platform, &p.group_id, &p.user_id)?;
+        let account = self.account(p.common.account_id.as_deref())?;
+        let kind = p.kind.clone().unwrap_or_else(|| "text".into());
+        if !MESSAGE_TYPES.contains(&kind.as_str()) {
+            return Err(RpcError::invalid_request(format!(
+                "type must be one of {}",
+                MESSAGE_TYPES.join("|")
+            )));
+        }
+        let store = self.store()?;
+        if self.stale(&account, &p.common) {
+            return Ok(json!({"accepted": false, "stale": true, "accountId": account}));
+        }
+        self.state()
+            .accounts
+            .entry(account.clone())
+            .or_default()
+            .conns
+            .insert(ctx.conn_id());
+        if let Err(reason) = self.allowed(&route) {
+            tracing::info!(account = %account, route = %route.as_string(), reason, "bncr inbound refused by policy");
+            return Ok(json!({"accepted": false, "reason": reason, "accountId": account}));
+        }
+        let msg_id = params::id_opt(&p.msg_id).unwrap_or_else(|| self.new_id("in"));
+        let session_key = p
+            .session_key
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| route.session_key(&account));
+        let mut payload = json!({
+            "channel": "bncr",
+            "accountId": account,
+            "route": route.as_string(),
+            "platform": route.platform,
+            "groupId": route.group_id,
+            "userId": route.user_id,
+            "sessionKey": session_key,
+            "msgId": msg_id,
+            "msg": p.msg.clone().unwrap_or_default(),
+            "type": kind,
+            "ts": now_ms(),
+        });
+        for (k, v) in [
+            ("base64", &p.base64),
+            ("path", &p.path),
+            ("mimeType", &p.mime_type),
+            ("fileName", &p.file_name),
+        ] {
+            if let Some(v) = v {
+                payload[k] = json!(v);
+            }
+        }
+        let key = InboundKey {
+            account_id: account.clone(),
+            platform: route.platform.clone(),
+            group_id: route.group_id.clone(),
+            user_id: route.user_id.clone(),
+            msg_id: msg_id.clone(),
+        };
+        let (k2, p2) = (key.clone(), payload.clone());
+        let fresh = store
+            .call(move |c| store::journal_inbound(c, &k2, &p2, now_ms()))
+            .await
+            .map_err(Self::store_err)?;
+        if !fresh {
+            return Ok(json!({
+                "accepted": true, "duplicated": true, "accountId": account,
+                "sessionKey": session_key, "msgId": msg_id,
+            }));
+        }
+        self.state().inbound.push_back((key, payload));
+        self.hand_on_pending().await;
+        // If nobody received it, the inbound loop offers it again later.
+        self.inbound_wake.notify_one();
+        Ok(
+            json!({"accepted": true, "accountId": account, "sessionKey": session_key, "msgId": msg_id}),
+        )
+    }
+
+    // ---------------------------------------------------------------- hand-on
+
+    /// Remember that `conn` is a Bncr client: it is never counted as an
+    /// operator that received an inbound message.
+    pub(crate) fn client_seen(&self, conn: ConnId) {
+        let new = {
+            let mut st = self.state();
+            st.opened.remove(&conn);
+            st.clients.insert(conn)
+        };
+        if new && let Ok(store) = self.store() {
+            store.enqueue("client connection", move |c| {
+                store::put_client_conn(c, conn.0, true)
+            });
+        }
+    }
+
+    /// The host's connection-opened hook. An operator-capable connection
+    /// gets `inboundGraceMs` to show it is a Bncr client before pending
+    /// inbound messages are offered to it.
+    pub(crate) fn connection_opened(&self, info: &ConnectionInfo) {
+        if info.role != Role::Operator || !info.scopes.allows(scope::WRITE) {
+            return;
+        }
+        let until = Instant::now() + Duration::from_millis(self.cfg.inbound_grace_ms);
+        let pending = {
+            let mut st = self.state();
+            if !st.clients.contains(&info.conn_id) {
+                st.opened.insert(info.conn_id, until);
+            }
+            !st.inbound.is_empty()
+        };
+        if pending {
+            self.inbound_wake.notify_one();
+        }
+    }
+
+    /// Connections that do not count as operators now: Bncr clients and
+    /// connections still in their grace. Drops graces that ended.
+    fn not_operators(&self) -> Vec<ConnId> {
+        let now = Instant::now();
+        let mut st = self.state();
+        st.opened.retain(|_, until| *until > now);
+        st.clients.iter().chain(st.opened.keys()).copied().collect()
+    }
+
+    /// Offer pending inbound messages to operators, oldest first, until one
+    /// reaches nobody (the later ones would reach nobody either). A message
+    /// is handed on, and never offered again, once at least one operator
+    /// connection received it (or the echo responder queued its reply).
+    pub(super) async fn hand_on_pending(&self) {
+        let _one_pass = self.hand_on_lock.lock().await;
+        loop {
+            let Some((key, payload)) = self.state().inbound.front().cloned() else {
+                return;
+            };
+            let except = self.not_operators();
+            let received = match self.events.broadcast_except(
+                scope::WRITE,
+                &except,
+                INBOUND_EVENT,
+                &payload,
+            ) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, msg_id = %key.msg_id, "bncr inbound not handed on; kept for the next generation");
+                    return;
+                }
+            };
+            let echoed = self.cfg.echo.enabled && self.echo(&key, &payload).await;
+            if received == 0 && !echoed {
+                self.state().counters.inbound_unreceived_offers += 1;
+                tracing::debug!(msg_id = %key.msg_id, "bncr inbound reached no operator; kept pending");
+                return;
+            }
+            // Received: never offer it again, in this generation (memory)
+            // or a later one (the journal).
+            {
+                let mut st = self.state();
+                if st.inbound.front().is_some_and(|(k, _)| *k == key) {
+                    st.inbound.pop_front();
+                }
+                st.counters.inbound_handed_on += 1;
+            }
+            tracing::debug!(msg_id = %key.msg_id, operators = received, echoed, "bncr inbound handed on");
+            let marked = match self.store() {
+                Ok(store) => {
+                    let k = key.clone();
+                    store
+                        .call(move |c| store::mark_handed_on(c, &k))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.message),
+            };
+            if let Err(e) = marked {
+                tracing::error!(error = %e, msg_id = %key.msg_id, "bncr inbound handed on but not marked; a later generation offers it again");
+            }
+        }
+    }
+
+    /// Queue the echo responder's reply; whether it is queued.
+    async fn echo(&self, key: &InboundKey, payload: &Value) -> bool {
+        let route = Route {
+            platform: key.platform.clone(),
+            group_id: key.group_id.clone(),
+            user_id: key.user_id.clone(),
+        };
+        let text = format!(
+            "{}{}",
+            self.cfg.echo.prefix,
+            payload
+                .get("msg")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        );
+        let message = json!({
+            "platform": route.platform, "groupId": route.group_id, "userId": route.user_id,
+            "type": "text", "msg": text,
+        });
+        let idem = format!(
+            "echo:{}:{}:{}",
+            key.account_id,
+            route.as_string(),
+            key.msg_id
+        );
+        match self.enqueue(&key.account_id, &route, message, &idem).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "bncr echo not queued; the message stays pending");
+                false
+            }
+        }
+    }
+
+    /// Offer pending inbound messages whenever an operator may have
+    /// appeared: a connection's grace ended, or every `inboundRetryMs`
+    /// while messages are pending (an operator's queue may have refused).
+    pub(super) async fn inbound_loop(self: Arc<Self>) {
+        loop {
+            let (pending, grace_end) = {
+                let st = self.state();
+                (!st.inbound.is_empty(), st.opened.values().min().copied())
+            };
+            if pending {
+                self.hand_on_pending().await;
+            }
+            let retry = Instant::now() + Duration::from_millis(self.cfg.inbound_retry_ms);
+            let until = match (pending, grace_end) {
+                (true, Some(g)) => Some(g.min(retry)),
+                (true, None) => Some(retry),
+                (false, g) => g,
+            };
+            let sleep = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = self.inbound_wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+}

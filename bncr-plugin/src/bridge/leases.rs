@@ -1,0 +1,209 @@
+//! Connections and per-account leases.
+
+use super::*;
+
+impl Bridge {
+    // ---------------------------------------------------------------- connections
+
+    /// Mark `conn` offline everywhere.
+    pub(crate) fn connection_closed(&self, conn: ConnId) {
+        let mut changed = Vec::new();
+        {
+            let mut st = self.state();
+            if st.clients.remove(&conn)
+                && let Ok(store) = self.store()
+            {
+                store.enqueue("client connection closed", move |c| {
+                    store::put_client_conn(c, conn.0, false)
+                });
+            }
+            st.opened.remove(&conn);
+            let now = Instant::now();
+            for (name, acc) in st.accounts.iter_mut() {
+                acc.conns.remove(&conn);
+                if let Some(l) = acc.lease.as_mut()
+                    && l.conn == Some(conn)
+                {
+                    l.conn = None;
+                    l.offline_since = Some(now);
+                    changed.push(lease_row(name, l));
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        tracing::info!(conn = %conn, accounts = changed.len(), "bncr connection offline");
+        if let Ok(store) = self.store() {
+            store.enqueue("lease offline", move |c| {
+                for l in &changed {
+                    store::put_lease(c, l)?;
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Prune leases offline for `leaseTtlMs` (memory and store), then
+    /// forget accounts that hold nothing: no lease, connection, queued
+    /// message or dead letter. Returns how many leases were pruned.
+    pub(super) fn prune_accounts(&self, now: Instant) -> usize {
+        let ttl = Duration::from_millis(self.cfg.lease_ttl_ms);
+        let mut expired = Vec::new();
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            for (name, acc) in st.accounts.iter_mut() {
+                let stale = acc
+                    .lease
+                    .as_ref()
+                    .and_then(|l| l.offline_since)
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl);
+                if stale && acc.conns.is_empty() {
+                    acc.lease = None;
+                    expired.push(name.clone());
+                }
+            }
+            st.accounts.retain(|_, a| {
+                a.lease.is_some() || !a.conns.is_empty() || !a.queue.is_empty() || a.dead > 0
+            });
+            st.counters.leases_pruned += expired.len() as u64;
+        }
+        let n = expired.len();
+        if n > 0 {
+            tracing::info!(leases = n, "bncr offline leases pruned");
+            if let Ok(store) = self.store() {
+                store.enqueue("prune leases", move |c| {
+                    for a in &expired {
+                        store::delete_lease(c, a)?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        n
+    }
+
+    /// Whether the caller named a lease (or epoch) that is no longer the
+    /// account's current one. Callers that name none are never stale.
+    pub(super) fn stale(&self, account: &str, common: &Common) -> bool {
+        let st = self.state();
+        let current = st.accounts.get(account).and_then(|a| a.lease.as_ref());
+        match (common.lease_id.as_deref(), current) {
+            (Some(given), Some(l)) => {
+                given != l.lease_id || common.connection_epoch.is_some_and(|e| e != l.epoch)
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    pub(super) fn counts(&self, account: &str) -> (usize, usize, u64, bool) {
+        let st = self.state();
+        st.accounts.get(account).map_or((0, 0, 0, false), |a| {
+            (
+                a.conns.len(),
+                a.queue.len(),
+                a.dead,
+                a.lease.as_ref().is_some_and(|l| l.conn.is_some()),
+            )
+        })
+    }
+
+    /// Handle `bncr.connect`: a new lease for the account, held by the caller.
+    pub(crate) async fn connect(&self, ctx: &RequestContext, p: Common) -> Result<Value, RpcError> {
+        let account = self.account(p.account_id.as_deref())?;
+        let store = self.store()?;
+        let conn = ctx.conn_id();
+        let now = now_ms();
+        let row = {
+            let mut st = self.state();
+            let acc = st.accounts.entry(account.clone()).or_default();
+            let epoch = acc.lease.as_ref().map_or(0, |l| l.epoch) + 1;
+            let lease = Lease {
+                lease_id: self.new_id("lease"),
+                epoch,
+                conn: Some(conn),
+                client_id: p.client_id.clone(),
+                accepted_at: now,
+                offline_since: None,
+            };
+            acc.conns.insert(conn);
+            let row = lease_row(&account, &lease);
+            acc.lease = Some(lease);
+            row
+        };
+        let r2 = row.clone();
+        store
+            .call(move |c| store::put_lease(c, &r2))
+            .await
+            .map_err(Self::store_err)?;
+        self.wake.notify_one();
+        tracing::info!(account = %account, conn = %conn, epoch = row.epoch, client = ?row.client_id, "bncr client connected");
+        let (active, pending, dead, online) = self.counts(&account);
+        Ok(json!({
+            "channel": "bncr",
+            "accountId": account,
+            "bridgeVersion": self.version,
+            "pushEvent": PUSH_EVENT,
+            "online": online,
+            "isPrimary": account == PRIMARY,
+            "activeConnections": active,
+            "pending": pending,
+            "deadLetter": dead,
+            "leaseId": row.lease_id,
+            "connectionEpoch": row.epoch,
+            "protocolVersion": PROTOCOL_VERSION,
+            "acceptedAt": now,
+            "now": now_ms(),
+        }))
+    }
+
+    /// Handle `bncr.activity`: a heartbeat; re-attaches a lease whose
+    /// connection was marked offline when the caller holds it.
+    pub(crate) fn activity(&self, ctx: &RequestContext, p: Common) -> Result<Value, RpcError> {
+        let account = self.account(p.account_id.as_deref())?;
+        let store = self.store()?;
+        if self.stale(&account, &p) {
+            return Ok(json!({"ok": false, "stale": true, "accountId": account, "now": now_ms()}));
+        }
+        let conn = ctx.conn_id();
+        let reattached = {
+            let mut st = self.state();
+            let acc = st.accounts.entry(account.clone()).or_default();
+            acc.conns.insert(conn);
+            match acc.lease.as_mut() {
+                Some(l) if l.conn.is_none() && p.lease_id.is_some() => {
+                    l.conn = Some(conn);
+                    l.offline_since = None;
+                    Some(lease_row(&account, l))
+                }
+                _ => None,
+            }
+        };
+        if let Some(row) = reattached {
+            store.enqueue("lease reattach", move |c| store::put_lease(c, &row));
+            self.wake.notify_one();
+        }
+        let (active, pending, dead, _) = self.counts(&account);
+        Ok(json!({
+            "ok": true,
+            "accountId": account,
+            "activeConnections": active,
+            "pending": pending,
+            "deadLetter": dead,
+            "now": now_ms(),
+        }))
+    }
+}
+
+pub(super) fn lease_row(account: &str, l: &Lease) -> LeaseRow {
+    LeaseRow {
+        account_id: account.to_string(),
+        lease_id: l.lease_id.clone(),
+        epoch: l.epoch,
+        conn_id: l.conn.map(|c| c.0),
+        client_id: l.client_id.clone(),
+        accepted_at: l.accepted_at,
+    }
+}

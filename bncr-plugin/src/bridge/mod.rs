@@ -1,0 +1,482 @@
+//! The bridge: one per generation, owned by the plugin instance. Holds
+//! connections, leases and the in-memory mirror of the outbox; the store is
+//! the source of truth for everything that must survive a restart.
+
+use crate::config::{Config, Policy};
+use crate::files::{OutgoingWaiters, Transfer};
+use crate::params::{self, Common, IdStr};
+use crate::store::{self, InboundKey, LeaseRow, OutboxRow, Store};
+use plugin_api::{
+    ConnId, ConnectionInfo, EventSink, RequestContext, Role, RpcError, ScopeHandle, ScopeLife,
+    Value, scope,
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+mod admin;
+mod inbound;
+mod leases;
+mod outbox;
+mod route;
+
+pub(crate) use route::{Route, inbound_route};
+
+/// The event carrying one outbound message.
+pub(crate) const PUSH_EVENT: &str = "plugin.bncr.push";
+/// The operator event for accepted inbound messages.
+pub(crate) const INBOUND_EVENT: &str = "chat.inbound";
+/// The bridge protocol version reported by `bncr.connect`.
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
+/// The canonical name of the default account.
+pub(crate) const PRIMARY: &str = "Primary";
+/// Message types a push may carry.
+pub(crate) const MESSAGE_TYPES: &[&str] = &["text", "image", "video", "voice", "audio", "file"];
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `""`, `default` and `primary` (any case) all mean [`PRIMARY`].
+pub(crate) fn normalize_account(raw: Option<&str>) -> String {
+    match raw.map(str::trim) {
+        None | Some("") => PRIMARY.to_string(),
+        Some(a) if a.eq_ignore_ascii_case("default") || a.eq_ignore_ascii_case("primary") => {
+            PRIMARY.to_string()
+        }
+        Some(a) => a.to_string(),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    lease_id: String,
+    epoch: u64,
+    conn: Option<ConnId>,
+    client_id: Option<String>,
+    accepted_at: i64,
+    /// Since when no connection holds it (for `leaseTtlMs`).
+    offline_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    message_id: String,
+    session_key: String,
+    payload: Value,
+    attempts: u32,
+    next_at: Instant,
+    created_at: i64,
+    last_error: Option<String>,
+    /// A file for this message is being sent to the client.
+    transferring: bool,
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    lease: Option<Lease>,
+    conns: BTreeSet<ConnId>,
+    queue: BTreeMap<i64, Pending>,
+    dead: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    accounts: HashMap<String, Account>,
+    /// message id -> (account, seq)
+    index: HashMap<String, (String, i64)>,
+    pub(crate) transfers: HashMap<String, Transfer>,
+    pub(crate) waiters: OutgoingWaiters,
+    /// Journaled inbound messages no operator has received yet, oldest first.
+    inbound: VecDeque<(InboundKey, Value)>,
+    /// Connections known to be Bncr clients (they called a client method):
+    /// never counted as operators.
+    clients: HashSet<ConnId>,
+    /// Operator-capable connections opened less than `inboundGraceMs` ago,
+    /// with their grace's end: not counted as operators yet.
+    opened: HashMap<ConnId, Instant>,
+    /// What the limits refused or expired, for `bncr.diagnostics`.
+    pub(crate) counters: Counters,
+}
+
+/// Counts of limits that tripped and of inbound hand-on, this generation.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Counters {
+    /// Requests refused because `maxAccounts` was reached.
+    pub(crate) accounts_refused: u64,
+    /// Offline leases pruned after `leaseTtlMs`.
+    pub(crate) leases_pruned: u64,
+    /// `bncr.file.init` refused by `maxTransfers` or `maxTransfersPerAccount`.
+    pub(crate) transfers_refused: u64,
+    /// Transfers dropped after `transferTtlMs` without progress.
+    pub(crate) transfers_expired: u64,
+    /// `bncr.file.init` refused by `fileMinChunkBytes` or `fileMaxChunks`.
+    pub(crate) chunking_refused: u64,
+    /// Inbound messages received by at least one operator.
+    pub(crate) inbound_handed_on: u64,
+    /// Offers of an inbound message that reached no operator.
+    pub(crate) inbound_unreceived_offers: u64,
+}
+
+impl State {
+    /// Mirror an outbox row in memory: queued for its account in `seq`
+    /// order, findable by message id, due at `next_at`.
+    fn enqueue(&mut self, row: store::OutboxRow, next_at: Instant) {
+        self.index
+            .insert(row.message_id.clone(), (row.account_id.clone(), row.seq));
+        self.accounts
+            .entry(row.account_id)
+            .or_default()
+            .queue
+            .insert(
+                row.seq,
+                Pending {
+                    message_id: row.message_id,
+                    session_key: row.session_key,
+                    payload: row.payload,
+                    attempts: row.attempts,
+                    next_at,
+                    created_at: row.created_at,
+                    last_error: None,
+                    transferring: false,
+                },
+            );
+    }
+}
+
+/// One push the drain decided to make.
+#[derive(Debug)]
+struct Push {
+    account: String,
+    seq: i64,
+    conn: ConnId,
+    payload: Value,
+    attempts: u32,
+    /// A local file to send with `plugin.bncr.file.*` before the push.
+    file: Option<String>,
+}
+
+/// Empty the transfer spool, touching the file system only when needed.
+fn reset_spool(spool: &Path) -> Result<(), store::StoreError> {
+    let err = |e: std::io::Error| store::StoreError(format!("{}: {e}", spool.display()));
+    match std::fs::read_dir(spool) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                std::fs::remove_dir_all(spool).map_err(err)?;
+                std::fs::create_dir_all(spool).map_err(err)?;
+            }
+            Ok(())
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(spool);
+            std::fs::create_dir_all(spool).map_err(err)
+        }
+    }
+}
+
+/// The per-generation bridge.
+pub(crate) struct Bridge {
+    pub(crate) cfg: Config,
+    pub(crate) root: PathBuf,
+    pub(crate) events: EventSink,
+    pub(crate) life: ScopeLife,
+    store: ScopeHandle<Store>,
+    state: Mutex<State>,
+    wake: Notify,
+    stop: CancellationToken,
+    drain_done: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    counter: AtomicU64,
+    version: String,
+    /// One hand-on pass at a time, so inbound messages reach operators in
+    /// the order they were accepted.
+    hand_on_lock: tokio::sync::Mutex<()>,
+    /// Wakes the inbound loop: a message is pending or an operator opened.
+    inbound_wake: Notify,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("generation", &self.life.generation())
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
+impl Bridge {
+    /// A bridge for one generation. Does no I/O.
+    pub(crate) fn new(
+        cfg: Config,
+        root: PathBuf,
+        events: EventSink,
+        life: ScopeLife,
+        version: &str,
+    ) -> Self {
+        Bridge {
+            cfg,
+            root,
+            events,
+            store: life.handle(),
+            stop: life.cancellation().child_token(),
+            life,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            drain_done: Mutex::new(None),
+            counter: AtomicU64::new(0),
+            version: version.to_string(),
+            hand_on_lock: tokio::sync::Mutex::new(()),
+            inbound_wake: Notify::new(),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh unique id: `<prefix>-<24 hex>`.
+    pub(crate) fn new_id(&self, prefix: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{prefix}|{nanos}|{n}|{}|{}",
+            std::process::id(),
+            self.life.generation()
+        ));
+        let digest = h.finalize();
+        format!("{prefix}-{}", hex::encode(&digest[..12]))
+    }
+
+    /// The open store, or a clean `UNAVAILABLE`.
+    pub(crate) fn store(&self) -> Result<&Store, RpcError> {
+        match self.store.get() {
+            Ok(Some(s)) if s.is_open() => Ok(s),
+            Ok(_) => {
+                Err(RpcError::unavailable("bncr store is not open").retryable_after(Some(500)))
+            }
+            Err(r) => Err(r.into()),
+        }
+    }
+
+    fn store_err(e: store::StoreError) -> RpcError {
+        RpcError::unavailable(format!("bncr store: {e}"))
+    }
+
+    /// The account named by `raw`, refused when `accounts` is configured and
+    /// does not list it.
+    /// Without `accounts`, at most `maxAccounts` accounts are kept: a new
+    /// one beyond that is refused until stale leases are pruned.
+    pub(crate) fn account(&self, raw: Option<&str>) -> Result<String, RpcError> {
+        let account = normalize_account(raw);
+        if let Some(known) = &self.cfg.accounts {
+            let ok = known.iter().any(|k| normalize_account(Some(k)) == account);
+            if !ok {
+                return Err(RpcError::invalid_request(format!(
+                    "unknown accountId: {account}"
+                )));
+            }
+            return Ok(account);
+        }
+        let mut st = self.state();
+        let max = self.cfg.max_accounts;
+        if !st.accounts.contains_key(&account) && st.accounts.len() >= max {
+            st.counters.accounts_refused += 1;
+            drop(st);
+            tracing::warn!(limit = max, "bncr account refused: maxAccounts reached");
+            return Err(RpcError::invalid_request(format!(
+                "too many accounts (maxAccounts {max})"
+            ))
+            .with_details(json!({"code": "account-limit", "limit": max})));
+        }
+        // Reserve the account now, so that concurrent requests cannot
+        // overshoot the cap between this check and their first use.
+        st.accounts.entry(account.clone()).or_default();
+        Ok(account)
+    }
+
+    /// Why the plugin cannot do its job right now, for the host's health
+    /// and readiness: the store is read-only or its last job failed.
+    pub(crate) fn fault(&self) -> Option<String> {
+        match self.store.get() {
+            Ok(Some(s)) => s.fault().map(|f| format!("bncr store: {f}")),
+            _ => None,
+        }
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    /// Open the store, restore state, start the drain, hand on journaled
+    /// inbound messages.
+    pub(crate) async fn start(self: &Arc<Self>) -> Result<(), String> {
+        let path = self.root.join("bncr.sqlite3");
+        let files = self.root.join("files");
+        // Open, migrate and restore in one hand-off to the store thread.
+        let (store, restored) = Store::open(&path, move |conn| {
+            let restored = store::restore(conn)?;
+            // Spools of transfers cut by the previous generation are useless.
+            reset_spool(&files.join("spool"))?;
+            Ok(restored)
+        })
+        .await
+        .map_err(|e| format!("bncr store open failed: {e}"))?;
+        let mut spare = Some(store);
+        self.store
+            .get_or_init(|| spare.take().expect("taken once"))
+            .map_err(|e| e.to_string())?;
+        if let Some(extra) = spare {
+            // Started twice in one generation: keep the first store.
+            extra.close().await;
+            return Err("bncr store already opened in this generation".into());
+        }
+        let now = Instant::now();
+        let pending_inbound = restored.inbound_pending.len();
+        let mut store_for_cleanup: Option<Vec<u64>> = None;
+        let (outbox_n, dead_n, lease_n) = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            for l in &restored.leases {
+                let acc = st.accounts.entry(l.account_id.clone()).or_default();
+                // A lease restored after a crash names a connection of the
+                // dead process: keep the lease (the client may resume it) but
+                // only as online if the host still has that connection.
+                let conn = l
+                    .conn_id
+                    .map(ConnId)
+                    .filter(|c| self.events.is_connected(*c));
+                if let Some(c) = conn {
+                    acc.conns.insert(c);
+                    st.clients.insert(c);
+                }
+                acc.lease = Some(Lease {
+                    lease_id: l.lease_id.clone(),
+                    epoch: l.epoch,
+                    conn,
+                    client_id: l.client_id.clone(),
+                    accepted_at: l.accepted_at,
+                    offline_since: conn.is_none().then_some(now),
+                });
+            }
+            let mut dead_total = 0;
+            for (a, n) in &restored.dead_letters {
+                st.accounts.entry(a.clone()).or_default().dead = *n;
+                dead_total += n;
+            }
+            let outbox_n = restored.outbox.len();
+            for row in restored.outbox {
+                st.enqueue(row, now);
+            }
+            // Client connections still open stay clients; the rows of
+            // closed ones are dropped.
+            let mut gone = Vec::new();
+            for c in restored.client_conns.iter().copied().map(ConnId) {
+                if self.events.is_connected(c) {
+                    st.clients.insert(c);
+                } else {
+                    gone.push(c.0);
+                }
+            }
+            if !gone.is_empty() {
+                store_for_cleanup = Some(gone);
+            }
+            st.inbound.extend(
+                restored
+                    .inbound_pending
+                    .into_iter()
+                    .map(|row| (row.key, row.payload)),
+            );
+            (outbox_n, dead_total, restored.leases.len())
+        };
+        if let (Some(gone), Ok(store)) = (store_for_cleanup, self.store()) {
+            store.enqueue("forget closed client connections", move |c| {
+                for id in gone {
+                    store::put_client_conn(c, id, false)?;
+                }
+                Ok(())
+            });
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        *self.drain_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(done_rx);
+        let me = self.clone();
+        self.life
+            .spawn(async move {
+                me.drain().await;
+                drop(done_tx);
+            })
+            .map_err(|e| e.to_string())?;
+        let me = self.clone();
+        self.life
+            .spawn(async move { me.inbound_loop().await })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            generation = self.life.generation(),
+            outbox = outbox_n,
+            dead_letters = dead_n,
+            leases = lease_n,
+            inbound_pending = pending_inbound,
+            read_only = self.store().is_ok_and(Store::is_read_only),
+            "bncr store opened"
+        );
+        if let Some(fault) = self.fault() {
+            tracing::error!(fault = %fault, "bncr store cannot take writes; reporting degraded");
+        }
+        Ok(())
+    }
+
+    /// Stop the drain, fail waiters as timeouts, close the store.
+    pub(crate) async fn stop(self: &Arc<Self>) {
+        self.stop.cancel();
+        let done = self
+            .drain_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(rx) = done {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+        let (waiters, transfers, pending, dead) = {
+            let mut st = self.state();
+            let w = st.waiters.fail_all();
+            let t = st.transfers.len();
+            st.transfers.clear();
+            let pending: usize = st.accounts.values().map(|a| a.queue.len()).sum();
+            let dead: u64 = st.accounts.values().map(|a| a.dead).sum();
+            (w, t, pending, dead)
+        };
+        let store = self
+            .store
+            .get()
+            .ok()
+            .flatten()
+            .map(|s| s.path().to_path_buf());
+        // Queued writes finish before the thread closes the database; this
+        // returns once it is closed. (If the generation already retired the
+        // handle refuses; dropping the bridge then drops the sender and the
+        // thread closes the database by itself.)
+        if let Ok(Some(s)) = self.store.get() {
+            s.close().await;
+        }
+        tracing::info!(
+            generation = self.life.generation(),
+            pending,
+            dead_letters = dead,
+            failed_waiters = waiters,
+            dropped_transfers = transfers,
+            store = ?store,
+            "bncr store closed"
+        );
+    }
+}
