@@ -1001,6 +1001,44 @@ mod crash_tests {
         assert!(err.0.contains("newer"), "{err}");
     }
 
+    /// Open and close run on the blocking pool and are awaited, so a
+    /// timeout around them (the host's service start and stop timeouts)
+    /// fires while SQLite blocks; the blocked work finishes on its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timeouts_around_open_and_close_fire_while_sqlite_blocks() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let hold = Duration::from_secs(5);
+        // Open: the restore step blocks until released (at most 5 s).
+        let (release, blocked) = mpsc::channel::<()>();
+        let open = Store::open(&path, move |_| {
+            let _ = blocked.recv_timeout(hold);
+            Ok(())
+        });
+        let r = tokio::time::timeout(Duration::from_millis(50), open).await;
+        assert!(
+            r.is_err(),
+            "the timeout fired before the blocked open returned"
+        );
+        let _ = release.send(());
+        // Close: a queued job blocks the connection until released.
+        let (store, _) = Store::open(&path, |_| Ok(())).await.unwrap();
+        let (release, blocked) = mpsc::channel::<()>();
+        store.enqueue("block", move |_| {
+            let _ = blocked.recv_timeout(hold);
+            Ok(())
+        });
+        let r = tokio::time::timeout(Duration::from_millis(50), store.close()).await;
+        assert!(
+            r.is_err(),
+            "the timeout fired before the blocked close returned"
+        );
+        let _ = release.send(());
+        store.close().await;
+    }
+
     /// A version-1 store (no indexes) is migrated to the current schema on
     /// open, keeping its rows.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1000,3 +1000,21 @@ async fn a_read_only_store_is_reported_degraded() {
     assert!(body.contains("read-only"), "{body}");
     set_mode(0o644);
 }
+
+/// The example config documents every key of the bridge's config schema.
+#[test]
+fn the_example_config_documents_every_bncr_key() {
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("ws-proxy.example.toml"),
+    )
+    .unwrap();
+    let schema = bncr_plugin::config_schema();
+    let keys: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
+    assert!(keys.len() >= 23, "{keys:?}");
+    for key in keys {
+        assert!(
+            example.contains(&format!("# {key} =")),
+            "ws-proxy.example.toml does not document bncr's `{key}`"
+        );
+    }
+}
