@@ -105,7 +105,7 @@ where
     match connect(shared, &text, peer, conn_id) {
         Ok((id, info, hello)) => {
             let generation = hello["snapshot"]["generation"].as_u64().unwrap_or(0);
-            outbox.frame(encode_response(&id, &Ok(hello)));
+            outbox.hello(encode_response(&id, &Ok(hello)), generation);
             Some((info, generation))
         }
         Err(r) => {

@@ -3,7 +3,7 @@
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
-use crate::connection::{ConnectionTable, Outbox, run_writer};
+use crate::connection::{ConnectionTable, GenerationNotices, Outbox, run_writer};
 use crate::limits::{
     Caps, Gate, Permit, WriteBacklog, WriteMeter, binary_frame_close, read_error_close,
 };
@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     gate: Arc<Gate>,
     /// The port actually bound (differs from the setting with port 0).
     pub(crate) local_port: u16,
+    /// The `gateway.generation` payload of the generation serving now.
+    pub(crate) notices: GenerationNotices,
     /// The next connection id; see [`first_conn_id`].
     next_conn: AtomicU64,
     /// Connection tasks.
@@ -203,6 +205,7 @@ async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServe
     let gate = connection_gate(&settings.limits, &metrics);
     let shared = Arc::new(Shared {
         auth: Authenticator::new(settings.auth.clone(), metrics.limits.clone()),
+        notices: GenerationNotices::new(gateway.clone()),
         settings,
         gateway,
         table,
@@ -387,7 +390,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// On each new generation: tell every connection (`gateway.generation`), or
-/// close them all when `restart.connections = "close"`.
+/// close them all when `restart.connections = "close"`. A connection's
+/// writer also tells it before the first response of a generation it was
+/// not told of yet, so this broadcast may come second; the writer skips it
+/// then.
 async fn watch_generations(shared: Arc<Shared>) {
     let mut rx = shared.gateway.subscribe();
     rx.borrow_and_update();
@@ -405,15 +411,10 @@ async fn watch_generations(shared: Arc<Shared>) {
                 outbox.close(1012, "service restart");
             }
         } else {
-            shared
-                .table
-                .send_all("gateway.generation", &generation_payload(&scope));
+            let (generation, payload) = shared.notices.current();
+            shared.table.announce_all(generation, &payload);
         }
     }
-}
-
-fn generation_payload(scope: &gateway_core::RestartScope) -> Arc<RawValue> {
-    raw(&json!({"generation": scope.generation(), "features": scope.features()}))
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -658,7 +659,9 @@ async fn run_connection<S>(
     let (outbox, rx) = Outbox::new(limits.max_buffered_bytes);
     budget.attach(&outbox);
     let ping_every = Duration::from_millis(limits.ping_interval_ms);
-    let writer = tokio::spawn(run_writer(outbox.clone(), rx, sink, ping_every));
+    let notices = shared.clone();
+    let announce = move || notices.notices.current();
+    let writer = tokio::spawn(run_writer(rx, sink, ping_every, announce));
     debug!(%peer, conn = %conn_id, "connection opened");
     crate::handshake::send_challenge(&outbox);
     let handshake = tokio::time::timeout(
@@ -673,16 +676,14 @@ async fn run_connection<S>(
             None
         }
     };
-    if let Some((info, generation)) = admitted {
+    if let Some((info, _generation)) = admitted {
         budget.lift();
         shared.table.insert(info.clone(), outbox.clone());
         shared.gateway.connection_opened(&info);
-        let scope = shared.gateway.current();
-        if scope.generation() != generation {
-            // A restart finished between hello-ok and joining the table.
-            outbox.event("gateway.generation".into(), generation_payload(&scope));
-        }
-        drop(scope);
+        // A restart may have swapped between hello-ok and joining the
+        // table; the writer drops this when hello-ok already described it.
+        let (generation, payload) = shared.notices.current();
+        outbox.generation(generation, payload);
         serve(&shared, &mut stream, &outbox, info, &limits).await;
         shared.table.remove(conn_id);
         shared.gateway.connection_closed(conn_id);
@@ -831,12 +832,12 @@ fn handle_request(
     let tracker = shared.requests.clone();
     let answer = async move {
         let started = Instant::now();
-        let result = shared.gateway.dispatch(ctx, &method, params).await;
+        let (generation, result) = shared.gateway.dispatch_tagged(ctx, &method, params).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => outcome_label(e),
         };
-        outbox.frame(encode_response(&id, &result));
+        outbox.response(encode_response(&id, &result), generation);
         in_flight.fetch_sub(1, Ordering::AcqRel);
         shared.metrics.observe_request(
             bounded_method(&shared, &method),
