@@ -76,7 +76,8 @@ pub struct RestartConfig {
     /// What the host does with client connections on restart.
     pub connections: RestartConnections,
     /// Signals that trigger an in-process restart (host setting), by name:
-    /// `SIGUSR1`, `SIGUSR2`, `SIGHUP`.
+    /// `SIGUSR1`, `SIGUSR2`, `SIGHUP` (all three by default). A host
+    /// ignores (and logs) a restart signal left out of this list.
     pub signals: Vec<String>,
 }
 
@@ -99,7 +100,7 @@ impl Default for RestartConfig {
             service_start_timeout_ms: 10_000,
             start_wait_ms: 5_000,
             connections: RestartConnections::Keep,
-            signals: vec!["SIGUSR1".into(), "SIGUSR2".into()],
+            signals: vec!["SIGUSR1".into(), "SIGUSR2".into(), "SIGHUP".into()],
         }
     }
 }

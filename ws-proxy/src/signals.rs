@@ -1,5 +1,8 @@
-//! Process signals: restart triggers (SIGUSR1, SIGUSR2 by default; SIGHUP on
-//! request) and stop (SIGTERM, SIGINT).
+//! Process signals: restart triggers (SIGUSR1, SIGUSR2 and SIGHUP by
+//! default, as nginx reloads on SIGHUP) and stop (SIGTERM, SIGINT). Every
+//! restart signal is handled whether or not it is configured, so none of
+//! them can end the process by its default action: one left out of
+//! `restart.signals` is logged and ignored.
 
 use gateway_core::Gateway;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -13,7 +16,7 @@ pub enum RestartSignal {
     Usr1,
     /// SIGUSR2, OpenClaw's restart signal since 2026.9.
     Usr2,
-    /// SIGHUP, when configured.
+    /// SIGHUP, the conventional reload signal.
     Hup,
 }
 
@@ -45,24 +48,23 @@ impl RestartSignal {
             RestartSignal::Hup => SignalKind::hangup(),
         }
     }
+
+    /// Every signal that can be configured as a restart trigger.
+    pub const ALL: [RestartSignal; 3] =
+        [RestartSignal::Usr1, RestartSignal::Usr2, RestartSignal::Hup];
 }
 
-/// Install handlers for the restart signals named in `names` and for
-/// SIGTERM/SIGINT. Restart signals call [`Gateway::restart`] (concurrent
-/// triggers coalesce in gateway-core); a signal no longer listed in the
-/// current generation's `restart.signals` is logged and ignored. Returns a
-/// token cancelled on SIGTERM or SIGINT.
+/// Install handlers for every restart signal and for SIGTERM/SIGINT. A
+/// restart signal listed in the current generation's `restart.signals`
+/// (read again at each restart, so the list can change without a process
+/// restart) calls [`Gateway::restart`] (concurrent triggers coalesce in
+/// gateway-core); one not listed is logged and ignored, never an exit.
+/// `names` is the list configured at start, logged once. Returns a token
+/// cancelled on SIGTERM or SIGINT.
 pub fn install(gateway: &Gateway, names: &[String]) -> std::io::Result<CancellationToken> {
+    info!(signals = ?names, "restart signals");
     let stop = CancellationToken::new();
-    let mut seen = Vec::new();
-    for name in names {
-        let Some(sig) = RestartSignal::from_name(name) else {
-            continue;
-        };
-        if seen.contains(&sig) {
-            continue;
-        }
-        seen.push(sig);
+    for sig in RestartSignal::ALL {
         let stream = signal(sig.kind())?;
         tokio::spawn(restart_loop(gateway.clone(), sig, stream, stop.clone()));
     }
@@ -100,7 +102,7 @@ async fn restart_loop(
         if !listed {
             warn!(
                 signal = sig.name(),
-                "signal is no longer in restart.signals; ignored"
+                "signal is not in restart.signals; ignored"
             );
             continue;
         }
