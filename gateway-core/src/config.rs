@@ -47,6 +47,19 @@ pub struct PluginsConfig {
     /// `[plugins.entries.<id>]`: enable, disable and configure plugins.
     #[serde(default)]
     pub entries: BTreeMap<String, PluginEntry>,
+    /// The Node.js executable for JS/TS plugins; `node` on `PATH` when unset.
+    #[serde(default)]
+    pub node: Option<PathBuf>,
+    /// How long a plugin process may take to answer `initialize`.
+    #[serde(default)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// How long a call to a plugin process may take.
+    #[serde(default)]
+    pub call_timeout_ms: Option<u64>,
+    /// Calls in flight per plugin process; beyond, callers get a retryable
+    /// busy error.
+    #[serde(default)]
+    pub max_calls_in_flight: Option<usize>,
 }
 
 /// `[plugins.entries.<id>]`.
@@ -59,6 +72,11 @@ pub struct PluginEntry {
     /// The plugin's settings, validated against its config schema.
     #[serde(default)]
     pub config: Option<Value>,
+    /// Environment variables a plugin process gets on top of the
+    /// allow-list (`PATH`, `HOME`, `LANG`, ...). The gateway's own
+    /// environment is never passed on otherwise.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// `[restart]`: timings of the swap.

@@ -139,11 +139,25 @@ fn health(scope: &RestartScope) -> Value {
         .into_iter()
         .map(|(id, reason)| json!({"id": id, "reason": reason}))
         .collect();
+    // Runtime plugins only, so a gateway without any pays nothing here.
+    let processes: Vec<Value> = scope
+        .loader()
+        .plugins()
+        .iter()
+        .filter_map(|p| {
+            let rt = p.runtime.as_ref()?;
+            let s = rt.status();
+            Some(json!({
+                "id": p.id, "kind": p.kind.as_str(), "codeHash": p.code_hash,
+                "state": s.state.as_str(), "pid": s.pid, "restarts": s.restarts, "lastExit": s.last_exit,
+            }))
+        })
+        .collect();
     json!({
         "ok": errors.is_empty() && degraded.is_empty(),
         "ts": unix_ms(),
         "generation": scope.generation(),
-        "plugins": {"loaded": loaded, "errors": errors, "unavailable": unavailable, "degraded": degraded},
+        "plugins": {"loaded": loaded, "errors": errors, "unavailable": unavailable, "degraded": degraded, "processes": processes},
     })
 }
 
@@ -156,15 +170,20 @@ fn status(gw: &Gateway, scope: &RestartScope) -> Value {
         .iter()
         .zip(phases)
         .map(|(p, (_, phase))| {
-            let (state, error) = match phase {
-                PluginPhase::Starting => ("starting", None),
-                PluginPhase::Running => ("running", None),
-                PluginPhase::Failed(e) => ("failed", Some(e)),
-                PluginPhase::Stopped => ("stopped", None),
+            let process = p.runtime.as_ref().map(|rt| rt.status());
+            let (state, error) = match (phase, &process) {
+                (PluginPhase::Starting, _) => ("starting", None),
+                (PluginPhase::Running, Some(s)) => (s.state.as_str(), None),
+                (PluginPhase::Running, None) => ("running", None),
+                (PluginPhase::Failed(e), _) => ("failed", Some(e)),
+                (PluginPhase::Stopped, _) => ("stopped", None),
             };
             json!({
-                "id": p.id, "name": p.name, "version": p.version, "codeHash": p.code_hash,
-                "source": p.source.to_string(), "state": state, "error": error,
+                "id": p.id, "name": p.name, "version": p.version, "kind": p.kind.as_str(),
+                "codeHash": p.code_hash, "source": p.source.to_string(), "state": state, "error": error,
+                "pid": process.as_ref().and_then(|s| s.pid),
+                "restarts": process.as_ref().map_or(0, |s| s.restarts),
+                "lastExit": process.as_ref().and_then(|s| s.last_exit.clone()),
             })
         })
         .collect();

@@ -3,7 +3,7 @@
 
 use crate::config::ConfigSource;
 use crate::frame::Features;
-use crate::loader::{BuildError, Catalog, PluginSource};
+use crate::loader::{BuildError, Candidate, Catalog, PluginSource};
 use crate::panic;
 use crate::scope::{Admitted, BuildInputs, RestartScope, ScopeSlot, ShutdownReport};
 use arc_swap::ArcSwap;
@@ -201,7 +201,8 @@ impl Gateway {
         let config = options.config.load()?;
         let live_scopes = Arc::new(AtomicUsize::new(0));
         let link: GatewayLink = Arc::new(OnceLock::new());
-        let scope = build_scope(&options, &live_scopes, &link, 1, &config)?;
+        let manifests = prepare(&options, 1, &config, &[]).await?;
+        let scope = build_scope(&options, &live_scopes, &link, 1, &config, manifests)?;
         let inner = Arc::new(Inner {
             current: ArcSwap::new(scope.clone()),
             link: link.clone(),
@@ -342,10 +343,12 @@ impl Gateway {
     }
 
     /// Build a generation from the current config and discard it, reporting
-    /// what it would serve. Changes nothing that dispatches.
+    /// what it would serve. Changes nothing that dispatches. Plugin
+    /// processes are not started, so runtime plugins list no methods.
     pub fn validate(&self) -> Result<Vec<String>, BuildError> {
         let config = self.inner.options.config.load()?;
-        let scope = self.build_scope(0, &config)?;
+        let manifests = crate::loader::discover_manifests(&config.plugins.dirs)?;
+        let scope = self.build_scope(0, &config, manifests)?;
         Ok(scope
             .registry()
             .method_names()
@@ -358,9 +361,26 @@ impl Gateway {
         &self,
         generation: u64,
         config: &crate::GatewayConfig,
+        manifests: Vec<Candidate>,
     ) -> Result<Arc<RestartScope>, BuildError> {
         let i = &self.inner;
-        build_scope(&i.options, &i.live_scopes, &i.link, generation, config)
+        build_scope(
+            &i.options,
+            &i.live_scopes,
+            &i.link,
+            generation,
+            config,
+            manifests,
+        )
+    }
+
+    /// Read config and manifests, start the runtime plugins' processes
+    /// (all at once, before the swap) and build the new generation.
+    async fn build_next(&self, generation: u64) -> Result<Arc<RestartScope>, BuildError> {
+        let config = self.inner.options.config.load()?;
+        let serving = self.current().serving_plugin_ids();
+        let manifests = prepare(&self.inner.options, generation, &config, &serving).await?;
+        self.build_scope(generation, &config, manifests)
     }
 
     /// Restart in-process: build a new generation from config and manifests
@@ -416,14 +436,7 @@ impl Gateway {
         // never served and leaves no gap.
         let generation = old_gen + 1;
         info!(from = old_gen, to = generation, "restart started");
-        let built = self
-            .inner
-            .options
-            .config
-            .load()
-            .map_err(BuildError::from)
-            .and_then(|config| self.build_scope(generation, &config));
-        let new = match built {
+        let new = match self.build_next(generation).await {
             Ok(s) => s,
             Err(e) => return Err(self.record_failure(started, e.to_string())),
         };
@@ -568,12 +581,26 @@ fn closing_error() -> RpcError {
         .retryable_after(None)
 }
 
+/// Discover manifest plugins and start the runtime ones. `serving`: the
+/// plugins serving in the current generation, whose failure to start fails
+/// the build.
+async fn prepare(
+    options: &GatewayOptions,
+    generation: u64,
+    config: &crate::GatewayConfig,
+    serving: &[String],
+) -> Result<Vec<Candidate>, BuildError> {
+    let manifests = crate::loader::discover_manifests(&config.plugins.dirs)?;
+    crate::loader::prepare(config, generation, &options.state_dir, serving, manifests).await
+}
+
 fn build_scope(
     options: &GatewayOptions,
     live_scopes: &Arc<AtomicUsize>,
     link: &GatewayLink,
     generation: u64,
     config: &crate::GatewayConfig,
+    manifests: Vec<Candidate>,
 ) -> Result<Arc<RestartScope>, BuildError> {
     let slot: ScopeSlot = Arc::new(OnceLock::new());
     let inputs = BuildInputs {
@@ -582,6 +609,7 @@ fn build_scope(
         transport: &options.transport,
         live_scopes,
         core: crate::core_plugin::factory(link.clone(), slot.clone()),
+        manifests,
     };
     let scope = Arc::new(RestartScope::build(generation, config, inputs)?);
     let _ = slot.set(Arc::downgrade(&scope));

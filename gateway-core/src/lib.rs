@@ -19,6 +19,7 @@ mod gateway;
 mod loader;
 mod panic;
 mod registry;
+mod runtime;
 mod scope;
 pub mod testing;
 
@@ -35,7 +36,7 @@ pub use gateway::{
 };
 pub use loader::{
     BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,
-    ManifestMethod, PluginSource,
+    ManifestMethod, ManifestRuntime, PluginKind, PluginSource,
 };
 pub use registry::{
     ADMIN_PREFIXES, CORE_METHODS, ChannelEntry, HANDSHAKE_METHODS, MethodEntry, PluginIndex,

@@ -12,6 +12,7 @@ use plugin_api::{
     EventSink, EventTransport, Params, Plugin, PluginContext, PluginError, PluginFactory,
     Registrar, RpcError, ScopeLife, scope,
 };
+use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use serde_json::Value;
@@ -73,6 +74,18 @@ pub struct Manifest {
     /// Events the plugin declares.
     #[serde(default)]
     pub events: Vec<String>,
+    /// A command plugin: the process that speaks the plugin protocol.
+    #[serde(default)]
+    pub runtime: Option<ManifestRuntime>,
+}
+
+/// `runtime` in a manifest: how to run a command plugin.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ManifestRuntime {
+    /// Program and arguments (an argv, never a shell string); a relative
+    /// program path resolves inside the plugin's directory.
+    pub command: Vec<String>,
 }
 
 fn default_version() -> String {
@@ -142,6 +155,31 @@ impl fmt::Display for PluginSource {
     }
 }
 
+/// What kind of code a plugin is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Compiled into the binary.
+    Builtin,
+    /// A manifest whose methods answer with built-in handlers.
+    Manifest,
+    /// An OpenClaw-style JS/TS package, run under Node.js.
+    Node,
+    /// A command plugin speaking the plugin protocol.
+    Command,
+}
+
+impl PluginKind {
+    /// `builtin`, `manifest`, `node` or `command`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Builtin => "builtin",
+            PluginKind::Manifest => "manifest",
+            PluginKind::Node => "node",
+            PluginKind::Command => "command",
+        }
+    }
+}
+
 /// One constructed plugin of a generation.
 pub struct LoadedPlugin {
     /// Plugin id.
@@ -158,6 +196,13 @@ pub struct LoadedPlugin {
     pub config: Value,
     /// The instance.
     pub instance: Arc<dyn Plugin>,
+    /// What kind of code it is.
+    pub kind: PluginKind,
+    /// Its process, for runtime (node and command) plugins that started.
+    pub runtime: Option<Arc<RuntimePlugin>>,
+    /// Why its process could not start, for a runtime plugin the
+    /// generation went live without.
+    pub start_error: Option<String>,
     /// Its event sink (declared events are fixed after `register`).
     pub(crate) sink: EventSink,
 }
@@ -169,6 +214,7 @@ impl fmt::Debug for LoadedPlugin {
             .field("version", &self.version)
             .field("code_hash", &self.code_hash)
             .field("source", &self.source)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -245,7 +291,7 @@ impl From<ConfigError> for BuildError {
 }
 
 /// A plugin found, before construction.
-struct Candidate {
+pub(crate) struct Candidate {
     id: String,
     name: String,
     version: String,
@@ -254,6 +300,20 @@ struct Candidate {
     identity: Vec<u8>,
     create: plugin_api::CreateFn,
     enabled_default: bool,
+    kind: PluginKind,
+    runtime: RuntimeSlot,
+}
+
+/// A runtime plugin's process as the build found it.
+pub(crate) enum RuntimeSlot {
+    /// Not a runtime plugin.
+    None,
+    /// To be started by `prepare` (or never, when only validating).
+    Launch(crate::runtime::Launch),
+    /// Started and handshaken.
+    Started(Arc<RuntimePlugin>),
+    /// Could not start; the generation goes live without it.
+    Failed(String),
 }
 
 /// Inputs shared by every plugin constructed for one generation.
@@ -269,10 +329,11 @@ pub(crate) fn load(
     cx: &LoadContext<'_>,
     core: PluginFactory,
     catalog: &Catalog,
+    manifests: Vec<Candidate>,
 ) -> Result<LoaderCache, BuildError> {
     let mut candidates = vec![builtin_candidate(&core)];
     candidates.extend(catalog.factories().iter().map(builtin_candidate));
-    candidates.extend(discover_manifests(&cx.config.plugins.dirs)?);
+    candidates.extend(manifests);
     check_unique_ids(&candidates)?;
     check_entries_known(cx.config, &candidates)?;
 
@@ -292,12 +353,17 @@ pub(crate) fn load(
             cache.disabled.push(c.id);
             continue;
         }
-        let config = entry
-            .and_then(|e| e.config.clone())
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        validate_config(cx.config.origin.as_ref(), &c.id, c.schema.as_ref(), &config)?;
+        let config = plugin_config(cx.config, &c)?;
         let code_hash = content_hash(&c.identity, &config);
         let sink = EventSink::new(&c.id, cx.life.clone(), cx.transport.clone());
+        let (runtime, start_error) = match &c.runtime {
+            RuntimeSlot::Started(rt) => {
+                rt.attach_events(sink.clone());
+                (Some(rt.clone()), None)
+            }
+            RuntimeSlot::Failed(e) => (None, Some(e.clone())),
+            RuntimeSlot::None | RuntimeSlot::Launch(_) => (None, None),
+        };
         let ctx = PluginContext {
             plugin_id: c.id.clone(),
             config: config.clone(),
@@ -329,10 +395,82 @@ pub(crate) fn load(
             source: c.source,
             config,
             instance,
+            kind: c.kind,
+            runtime,
+            start_error,
             sink,
         });
     }
     Ok(cache)
+}
+
+/// A candidate's config from `[plugins.entries.<id>]` (`{}` when absent),
+/// validated against its schema.
+fn plugin_config(config: &GatewayConfig, c: &Candidate) -> Result<Value, BuildError> {
+    let value = config
+        .plugins
+        .entries
+        .get(&c.id)
+        .and_then(|e| e.config.clone())
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    validate_config(config.origin.as_ref(), &c.id, c.schema.as_ref(), &value)?;
+    Ok(value)
+}
+
+/// Whether a candidate runs in this config.
+fn is_enabled(config: &GatewayConfig, c: &Candidate) -> bool {
+    config
+        .plugins
+        .entries
+        .get(&c.id)
+        .and_then(|e| e.enabled)
+        .unwrap_or(c.enabled_default)
+}
+
+/// Start the processes of every enabled runtime plugin among `manifests`,
+/// all at once, and wait for their handshakes. A plugin that cannot start
+/// fails the build if `serving` lists it (it serves in the current
+/// generation); otherwise the generation goes live without it.
+pub(crate) async fn prepare(
+    config: &GatewayConfig,
+    generation: u64,
+    state_dir: &Path,
+    serving: &[String],
+    mut manifests: Vec<Candidate>,
+) -> Result<Vec<Candidate>, BuildError> {
+    let mut launches = Vec::new();
+    for (i, c) in manifests.iter().enumerate() {
+        if let RuntimeSlot::Launch(l) = &c.runtime
+            && is_enabled(config, c)
+        {
+            launches.push((i, c.id.clone(), l.clone(), plugin_config(config, c)?));
+        }
+    }
+    if launches.is_empty() {
+        return Ok(manifests);
+    }
+    let started = crate::runtime::start_all(config, generation, state_dir, launches).await;
+    for (i, outcome) in started {
+        let c = &mut manifests[i];
+        c.runtime = match outcome {
+            Ok(rt) => {
+                let rt = Arc::new(rt);
+                c.create = crate::runtime::create_fn(&c.id, &c.version, Some(rt.clone()));
+                RuntimeSlot::Started(rt)
+            }
+            Err(e) if serving.contains(&c.id) => {
+                return Err(BuildError::Plugin {
+                    plugin: c.id.clone(),
+                    message: format!("{e} (the running generation keeps serving it)"),
+                });
+            }
+            Err(e) => {
+                tracing::error!(generation, plugin = %c.id, error = %e, "plugin failed to start; the generation goes live without it");
+                RuntimeSlot::Failed(e)
+            }
+        };
+    }
+    Ok(manifests)
 }
 
 fn builtin_candidate(f: &PluginFactory) -> Candidate {
@@ -346,10 +484,13 @@ fn builtin_candidate(f: &PluginFactory) -> Candidate {
         identity,
         create: f.create.clone(),
         enabled_default: f.enabled_by_default,
+        kind: PluginKind::Builtin,
+        runtime: RuntimeSlot::None,
     }
 }
 
-fn discover_manifests(dirs: &[PathBuf]) -> Result<Vec<Candidate>, BuildError> {
+/// Every plugin described by a manifest in `dirs`, read from disk now.
+pub(crate) fn discover_manifests(dirs: &[PathBuf]) -> Result<Vec<Candidate>, BuildError> {
     let mut found = Vec::new();
     for dir in dirs {
         if let Some(c) = manifest_candidate(&dir.join(MANIFEST_FILE))? {
@@ -408,10 +549,57 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
     if let Some(schema) = &manifest.config_schema {
         jsonschema::validator_for(schema).map_err(|e| bad(format!("invalid configSchema: {e}")))?;
     }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let entry = plugin_host::node::openclaw_entry(dir).map_err(&bad)?;
+    let launch = match (&manifest.runtime, entry) {
+        (Some(_), Some(entry)) => {
+            return Err(bad(format!(
+                "both runtime.command and a JS entry module ({}) are given; keep one",
+                entry.display()
+            )));
+        }
+        (Some(rt), None) => Some(crate::runtime::Launch::command(dir, &rt.command).map_err(&bad)?),
+        (None, Some(entry)) => Some(crate::runtime::Launch::node(dir, entry)),
+        (None, None) if manifest.methods.is_empty() => {
+            return Err(bad(
+                "declares no methods, has no entry module (package.json openclaw.extensions) and no runtime.command: it would serve nothing".into(),
+            ));
+        }
+        (None, None) => None,
+    };
+    if launch.is_some() && !manifest.methods.is_empty() {
+        return Err(bad(
+            "`methods` is for manifest-only plugins; a plugin with code declares its methods when it starts".into(),
+        ));
+    }
     let mut identity = b"manifest\0".to_vec();
     identity.extend_from_slice(&bytes);
+    if let Some(l) = &launch {
+        identity.extend_from_slice(b"\0code\0");
+        identity.extend_from_slice(l.code_hash().as_bytes());
+    }
     let m = Arc::new(manifest);
     let create_m = m.clone();
+    let (kind, runtime) = match launch {
+        Some(l) => (l.kind(), RuntimeSlot::Launch(l)),
+        None => (PluginKind::Manifest, RuntimeSlot::None),
+    };
+    if runtime_slot_is_launch(&runtime) {
+        // Until `prepare` starts its process, the plugin serves nothing (a
+        // validation-only build never starts it).
+        return Ok(Some(Candidate {
+            id: m.id.clone(),
+            name: m.name.clone().unwrap_or_else(|| m.id.clone()),
+            version: m.version.clone(),
+            source: PluginSource::Manifest(path.to_path_buf()),
+            schema: m.config_schema.clone(),
+            identity,
+            create: crate::runtime::create_fn(&m.id, &m.version, None),
+            enabled_default: m.enabled.unwrap_or(true),
+            kind,
+            runtime,
+        }));
+    }
     Ok(Some(Candidate {
         id: m.id.clone(),
         name: m.name.clone().unwrap_or_else(|| m.id.clone()),
@@ -423,7 +611,13 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
             Ok(Arc::new(DeclarativePlugin::new(create_m.clone(), &ctx.config)) as Arc<dyn Plugin>)
         }),
         enabled_default: m.enabled.unwrap_or(true),
+        kind,
+        runtime,
     }))
+}
+
+fn runtime_slot_is_launch(slot: &RuntimeSlot) -> bool {
+    matches!(slot, RuntimeSlot::Launch(_))
 }
 
 fn check_unique_ids(candidates: &[Candidate]) -> Result<(), BuildError> {

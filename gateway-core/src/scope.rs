@@ -176,6 +176,8 @@ pub(crate) struct BuildInputs<'a> {
     pub(crate) transport: &'a Arc<dyn EventTransport>,
     pub(crate) live_scopes: &'a Arc<AtomicUsize>,
     pub(crate) core: PluginFactory,
+    /// Plugins found in manifests, runtime plugins already started.
+    pub(crate) manifests: Vec<crate::loader::Candidate>,
 }
 
 impl RestartScope {
@@ -194,7 +196,7 @@ impl RestartScope {
             life: &life,
             transport: inputs.transport,
         };
-        let loader = crate::loader::load(&cx, inputs.core, inputs.catalog)?;
+        let loader = crate::loader::load(&cx, inputs.core, inputs.catalog, inputs.manifests)?;
         let mut builder = RegistryBuilder::new();
         let mut plugins = Vec::with_capacity(loader.plugins().len());
         for p in loader.plugins() {
@@ -208,7 +210,9 @@ impl RestartScope {
             let mut decl = registrar.into_declarations();
             p.sink.set_declared(decl.events.iter().cloned());
             let services = std::mem::take(&mut decl.services);
-            let phase = if services.is_empty() {
+            let phase = if let Some(e) = &p.start_error {
+                PluginPhase::Failed(e.clone())
+            } else if services.is_empty() {
                 PluginPhase::Running
             } else {
                 PluginPhase::Starting
@@ -291,7 +295,37 @@ impl RestartScope {
             .plugins()
             .iter()
             .zip(&self.plugins)
-            .map(|(p, rt)| (p.id.as_str(), rt.phase.borrow().clone()))
+            .map(|(p, rt)| {
+                let phase = rt.phase.borrow().clone();
+                // A runtime plugin whose process was given up on (too many
+                // crashes) is failed, whatever its services did.
+                let process = p.runtime.as_ref().map(|r| r.status().state);
+                match (phase, process) {
+                    (PluginPhase::Running, Some(plugin_host::ProcessState::Failed(e))) => {
+                        (p.id.as_str(), PluginPhase::Failed(e))
+                    }
+                    (phase, _) => (p.id.as_str(), phase),
+                }
+            })
+            .collect()
+    }
+
+    /// Plugins that serve in this generation: loaded, not failed, and (for
+    /// runtime plugins) with a process that has not been given up on. A
+    /// restart that cannot start one of these fails instead of dropping it.
+    pub fn serving_plugin_ids(&self) -> Vec<String> {
+        self.loader
+            .plugins()
+            .iter()
+            .zip(&self.plugins)
+            .filter(|(p, rt)| {
+                rt.fast.load(Ordering::Acquire) != PHASE_FAILED
+                    && p.start_error.is_none()
+                    && p.runtime.as_ref().is_none_or(|r| {
+                        !matches!(r.status().state, plugin_host::ProcessState::Failed(_))
+                    })
+            })
+            .map(|(p, _)| p.id.clone())
             .collect()
     }
 
@@ -302,7 +336,11 @@ impl RestartScope {
         let (mut loaded, mut failed, mut unavailable) = (Vec::new(), Vec::new(), Vec::new());
         for (p, rt) in self.loader.plugins().iter().zip(&self.plugins) {
             match rt.fast.load(Ordering::Acquire) {
-                PHASE_RUNNING => loaded.push(p.id.as_str()),
+                PHASE_RUNNING => match p.runtime.as_ref().map(|r| r.status().state) {
+                    None | Some(plugin_host::ProcessState::Running) => loaded.push(p.id.as_str()),
+                    Some(plugin_host::ProcessState::Failed(e)) => failed.push((p.id.as_str(), e)),
+                    Some(_) => unavailable.push(p.id.as_str()),
+                },
                 PHASE_FAILED => match &*rt.phase.borrow() {
                     PluginPhase::Failed(e) => failed.push((p.id.as_str(), e.clone())),
                     // The text lands a moment after the flag.

@@ -66,6 +66,9 @@ pub struct Limits {
     pub crash_window: Duration,
     /// First respawn delay; doubles per crash in the window, up to 5 s.
     pub respawn_backoff: Duration,
+    /// After a call timed out, how long the process has to answer `ping`
+    /// before it counts as hung and is killed (and respawned).
+    pub ping_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -81,6 +84,7 @@ impl Default for Limits {
             crash_limit: 3,
             crash_window: Duration::from_secs(300),
             respawn_backoff: Duration::from_millis(100),
+            ping_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -340,7 +344,12 @@ impl RuntimePlugin {
                     "plugin {id} answered {method} with an invalid result: {e}"
                 ))),
             },
-            Err(f) => Err(self.inner.failure_error(method, f)),
+            Err(f) => {
+                if matches!(f, Failure::Timeout(_)) {
+                    probe(&self.inner, proc);
+                }
+                Err(self.inner.failure_error(method, f))
+            }
         }
     }
 
@@ -674,6 +683,31 @@ impl Inner {
             ),
         }
     }
+}
+
+/// A call timed out: is the process still answering at all? Any answer to
+/// `ping` (even an error) says yes; none within the deadline means it is
+/// hung (an infinite loop, a blocked event loop), and it is killed, which
+/// answers its pending calls and respawns it.
+fn probe(inner: &Arc<Inner>, proc: Arc<Process>) {
+    use std::sync::atomic::Ordering;
+    if proc.probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let timeout = inner.spec.limits.ping_timeout;
+    let id = inner.spec.plugin_id.clone();
+    tokio::spawn(async move {
+        if let Err(Failure::Timeout(_)) = proc
+            .request(method::PING, &serde_json::json!({}), timeout)
+            .await
+        {
+            proc.violate(format!(
+                "plugin `{id}` is unresponsive: a call timed out and `ping` got no answer within {} ms",
+                timeout.as_millis()
+            ));
+        }
+        proc.probing.store(false, Ordering::Release);
+    });
 }
 
 async fn respawn(inner: Arc<Inner>, mut attempt: usize) {

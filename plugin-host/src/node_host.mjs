@@ -288,7 +288,11 @@ async function answer(id, work) {
   }
 }
 
-// 4. The protocol loop.
+// 4. The protocol loop. Calls and service requests wait for the handshake.
+let markReady;
+const ready = new Promise((resolve) => {
+  markReady = resolve;
+});
 const rl = createInterface({ input: process.stdin, crlfDelay: Infinity });
 rl.on("line", (line) => {
   if (!line) return;
@@ -303,18 +307,20 @@ rl.on("line", (line) => {
   if (method === undefined) return; // answers to our notifications: none expected
   switch (method) {
     case "initialize":
-      return void answer(id, () => initialize(params ?? {}));
+      return void answer(id, () => initialize(params ?? {}).finally(markReady));
     case "initialized":
       return;
     case "call":
-      return void call(id, params ?? {});
+      return void ready.then(() => call(id, params ?? {}));
     case "cancel":
       inflight.delete(params && params.id);
       return;
+    case "ping":
+      return void send({ id, result: {} });
     case "start":
-      return void answer(id, startServices);
+      return void ready.then(() => answer(id, startServices));
     case "stop":
-      return void answer(id, stopServices);
+      return void ready.then(() => answer(id, stopServices));
     case "shutdown":
       process.exit(0);
       return;

@@ -83,6 +83,8 @@ pub(crate) struct Process {
     limits: Limits,
     violation: Mutex<Option<String>>,
     stopping: std::sync::atomic::AtomicBool,
+    /// A liveness `ping` is in flight.
+    pub(crate) probing: std::sync::atomic::AtomicBool,
     ended: watch::Receiver<Option<Arc<Ended>>>,
 }
 
@@ -163,6 +165,7 @@ impl Process {
             limits: spec.limits.clone(),
             violation: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            probing: std::sync::atomic::AtomicBool::new(false),
             ended: ended_rx,
         });
         tokio::spawn(write_loop(stdin, out_rx));

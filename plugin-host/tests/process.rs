@@ -419,3 +419,31 @@ async fn only_declared_events_reach_the_transport() {
     );
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_hung_process_is_found_by_ping_after_a_timeout_and_killed() {
+    let env = Env::new();
+    let limits = Limits {
+        call_timeout: Duration::from_millis(300),
+        ping_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = Arc::new(start(&env, json!({}), limits).await);
+    let pid = p.status().pid.unwrap();
+    let e = call(&p, "t.hang", json!({})).await.unwrap_err();
+    assert_eq!(reason(&e), "plugin-timeout");
+    // The ping goes unanswered: the process is killed and comes back.
+    wait_state(&p, "respawning").await;
+    wait_state(&p, "running").await;
+    assert!(!alive(pid));
+    let s = p.status();
+    assert!(s.last_exit.unwrap().contains("unresponsive"));
+    assert_eq!(call(&p, "t.add", json!({"a": 2})).await.unwrap()["sum"], 2);
+
+    // A slow call in a process that still answers is not a hang.
+    let e = call(&p, "t.sleep", json!({"ms": 1500})).await.unwrap_err();
+    assert_eq!(reason(&e), "plugin-timeout");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(p.status().restarts, 1);
+    p.stop().await;
+}

@@ -19,6 +19,7 @@
 //! | [`method::START`] | host → plugin | request: start services |
 //! | [`method::STOP`] | host → plugin | request: stop services |
 //! | [`method::SHUTDOWN`] | host → plugin | notification: exit now |
+//! | [`method::PING`] | host → plugin | request: liveness, after a call timed out |
 //! | [`method::EMIT`] | plugin → host | request or notification ([`EmitParams`]) |
 //! | [`method::LOG`] | plugin → host | notification ([`LogParams`]) |
 
@@ -47,6 +48,10 @@ pub mod method {
     pub const STOP: &str = "stop";
     /// Host → plugin notification: exit. stdin closes right after.
     pub const SHUTDOWN: &str = "shutdown";
+    /// Host → plugin request: are you alive? Sent after a call timed out;
+    /// any answer (even a "method not found" error) counts, none within the
+    /// deadline means the process is hung and it is killed.
+    pub const PING: &str = "ping";
     /// Plugin → host: send a declared event to connections or operators.
     pub const EMIT: &str = "emit";
     /// Plugin → host notification: a log line for the gateway log.

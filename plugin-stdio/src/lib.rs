@@ -210,6 +210,9 @@ where
                         let _ = tx2.send(line);
                     });
                 }
+                method::PING => {
+                    let _ = tx.send(proto::result_line(id, &serde_json::json!({})));
+                }
                 other => {
                     let _ = tx.send(proto::error_line(
                         id,

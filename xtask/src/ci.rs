@@ -20,6 +20,9 @@ enum Step {
         &'static [&'static str],
         &'static [(&'static str, &'static str)],
     ),
+    /// `cargo test --workspace`, with a Node.js >= 22 provisioned first for
+    /// the tests that run JS/TS plugins (`GATEWAY_TEST_NODE`).
+    Test,
     /// The restart soak against the debug ws-proxy binary.
     Soak,
     /// The real OpenClaw CLI against the debug ws-proxy binary.
@@ -45,7 +48,7 @@ const STEPS: &[(&str, Step)] = &[
             &[],
         ),
     ),
-    ("test", Step::Cargo(&["test", "--workspace"], &[])),
+    ("test", Step::Test),
     // Every criterion benchmark runs once in test mode (criterion does that
     // when it is not given `--bench`): it checks that each bench builds and
     // runs, in the dev profile the tests already compiled, instead of
@@ -97,6 +100,14 @@ fn run_step(step: &Step) -> Result<()> {
         Step::Cargo(args, envs) => {
             let mut command = cargo();
             command.args(*args).envs(envs.iter().copied());
+            run_command(&mut command)
+        }
+        Step::Test => {
+            let node = crate::node::install().context("provision Node.js for plugin tests")?;
+            let mut command = cargo();
+            command
+                .args(["test", "--workspace"])
+                .env(crate::node::TEST_NODE_ENV, node);
             run_command(&mut command)
         }
         Step::OpenclawCli => match crate::openclaw_cli::run(false)? {

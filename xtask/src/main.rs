@@ -10,6 +10,7 @@ mod compare;
 mod dashboard;
 mod echo;
 mod load;
+mod node;
 mod openclaw_cli;
 mod process;
 mod restart_latency;
@@ -52,6 +53,9 @@ enum Command {
     Dashboard,
     /// `health` throughput with and without an open dashboard (release).
     DashboardCost(DashboardCostArgs),
+    /// Install (once) a Node.js >= 22 for JS/TS plugins into target/node and
+    /// print its path (what tests read from GATEWAY_TEST_NODE).
+    Node,
     /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
     OpenclawCli {
         /// Build and run the release binary.
@@ -252,6 +256,11 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Ci => ci::run(),
+        Command::Node => {
+            let node = node::install()?;
+            println!("{}", node.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Load(args) => runtime()?.block_on(run_load(args)),
         Command::EchoBaseline(args) => {
             let config = echo::EchoConfig {

