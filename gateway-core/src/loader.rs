@@ -550,8 +550,15 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
         jsonschema::validator_for(schema).map_err(|e| bad(format!("invalid configSchema: {e}")))?;
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let entry = plugin_host::node::openclaw_entry(dir).map_err(&bad)?;
+    let (entry, broken) = match plugin_host::node::openclaw_entry(dir) {
+        Ok(e) => (e, None),
+        Err(e) => (None, Some(e)),
+    };
     let launch = match (&manifest.runtime, entry) {
+        _ if broken.is_some() => Some(crate::runtime::Launch::broken_node(
+            dir,
+            broken.unwrap_or_default(),
+        )),
         (Some(_), Some(entry)) => {
             return Err(bad(format!(
                 "both runtime.command and a JS entry module ({}) are given; keep one",

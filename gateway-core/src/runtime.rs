@@ -23,6 +23,9 @@ pub(crate) struct Launch {
 enum LaunchKind {
     Command(Vec<OsString>),
     Node(PathBuf),
+    /// A JS/TS plugin whose entry cannot be found: it fails to start like
+    /// any other plugin that cannot start.
+    BrokenNode(String),
 }
 
 impl Launch {
@@ -62,10 +65,20 @@ impl Launch {
         }
     }
 
+    /// A JS/TS plugin (it has a `package.json` with `openclaw`) whose entry
+    /// module is missing or not named.
+    pub(crate) fn broken_node(dir: &Path, error: String) -> Launch {
+        Launch {
+            dir: dir.to_path_buf(),
+            code_hash: hash(dir, &[]),
+            what: LaunchKind::BrokenNode(error),
+        }
+    }
+
     pub(crate) fn kind(&self) -> PluginKind {
         match self.what {
             LaunchKind::Command(_) => PluginKind::Command,
-            LaunchKind::Node(_) => PluginKind::Node,
+            LaunchKind::Node(_) | LaunchKind::BrokenNode(_) => PluginKind::Node,
         }
     }
 
@@ -107,7 +120,7 @@ pub(crate) async fn start_all(
 ) -> Vec<(usize, Result<RuntimePlugin, String>)> {
     let node = if launches
         .iter()
-        .any(|(_, _, l, _)| matches!(l.what, LaunchKind::Node(_)))
+        .any(|(_, _, l, _)| matches!(l.what, LaunchKind::Node(_) | LaunchKind::BrokenNode(_)))
     {
         Some(node::locate(config.plugins.node.as_deref()).await)
     } else {
@@ -118,6 +131,7 @@ pub(crate) async fn start_all(
     let starts = launches.into_iter().map(|(i, id, launch, plugin_config)| {
         let argv = match (&launch.what, &node) {
             (LaunchKind::Command(argv), _) => Ok(argv.clone()),
+            (LaunchKind::BrokenNode(e), _) => Err(e.clone()),
             (LaunchKind::Node(entry), Some(Ok(node))) => Ok(node.argv(entry)),
             (LaunchKind::Node(_), Some(Err(e))) => Err(e.clone()),
             (LaunchKind::Node(_), None) => Err("Node.js was not located".to_string()),
