@@ -62,17 +62,33 @@ pub fn serve(factory: PluginFactory) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(
-        factory.clone(),
-        tokio::io::stdin(),
-        tokio::io::stdout(),
-    )) {
+    let served = rt.block_on(async {
+        // Pipes (what the gateway gives) are read and written through epoll;
+        // tokio's stdin/stdout would hand every read to a blocking thread.
+        match (pipe_in(), pipe_out()) {
+            (Some(input), Some(output)) => run(factory.clone(), input, output).await,
+            _ => run(factory.clone(), tokio::io::stdin(), tokio::io::stdout()).await,
+        }
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("plugin {}: {e}", factory.id);
             ExitCode::FAILURE
         }
     }
+}
+
+fn pipe_in() -> Option<tokio::net::unix::pipe::Receiver> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    tokio::net::unix::pipe::Receiver::from_file(std::fs::File::from(fd)).ok()
+}
+
+fn pipe_out() -> Option<tokio::net::unix::pipe::Sender> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    tokio::net::unix::pipe::Sender::from_file(std::fs::File::from(fd)).ok()
 }
 
 /// Events go to the gateway as `emit` notifications.

@@ -12,6 +12,7 @@ mod echo;
 mod load;
 mod node;
 mod openclaw_cli;
+mod plugin_bench;
 mod process;
 mod restart_latency;
 mod soak;
@@ -56,6 +57,10 @@ enum Command {
     /// Install (once) a Node.js >= 22 for JS/TS plugins into target/node and
     /// print its path (what tests read from GATEWAY_TEST_NODE).
     Node,
+    /// Runtime plugins' cost through the binary: latency in-process vs Rust
+    /// command plugin vs Node plugin, Node throughput vs health, restarts
+    /// with Node plugins, RSS per plugin process.
+    PluginBench(PluginBenchArgs),
     /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
     OpenclawCli {
         /// Build and run the release binary.
@@ -79,6 +84,32 @@ struct DashboardCostArgs {
     /// Alternating rounds (without, then with a dashboard).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+}
+
+/// Flags of `plugin-bench`.
+#[derive(Debug, Args)]
+struct PluginBenchArgs {
+    /// Build and run release binaries.
+    #[arg(long)]
+    release: bool,
+    /// Sequential requests per method for the latency comparison.
+    #[arg(long, default_value_t = 2000)]
+    latency_requests: usize,
+    /// Connections for the throughput comparison.
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Node plugins for the restart measurement.
+    #[arg(long, default_value_t = 10)]
+    node_plugins: usize,
+    /// Restarts measured.
+    #[arg(long, default_value_t = 50)]
+    restarts: usize,
 }
 
 /// Flags of `compare`.
@@ -301,6 +332,17 @@ fn run(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::PluginBench(a) => Ok(exit_code(plugin_bench::run(
+            &plugin_bench::PluginBenchConfig {
+                release: a.release,
+                latency_requests: a.latency_requests,
+                conns: a.conns,
+                inflight: a.inflight,
+                duration: Duration::from_secs(a.seconds),
+                node_plugins: a.node_plugins,
+                restarts: a.restarts,
+            },
+        )?)),
         Command::OpenclawCli { release } => match openclaw_cli::run(release)? {
             openclaw_cli::Outcome::Passed => {
                 println!("openclaw-cli: every call behaved");

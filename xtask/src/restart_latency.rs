@@ -312,7 +312,7 @@ async fn measure_running(gateway: &Gateway, config: &RestartLatencyConfig) -> Re
 
 /// Which `gateway.generation` event arrived.
 #[derive(Debug)]
-enum Seen {
+pub(crate) enum Seen {
     /// The one expected.
     Next,
     /// Another generation (restarts coalesced or one was skipped).
@@ -320,7 +320,7 @@ enum Seen {
 }
 
 /// Reads until a `gateway.generation` event; ignores every other frame.
-async fn wait_for_generation(session: &mut Session, expected: u64) -> Result<Seen> {
+pub(crate) async fn wait_for_generation(session: &mut Session, expected: u64) -> Result<Seen> {
     let read = async {
         loop {
             let text = client::next_text(&mut session.ws)
