@@ -23,12 +23,7 @@ impl Bridge {
             }
             let a = &st.accounts[name];
             let now = Instant::now();
-            let in_flight = a
-                .queue
-                .values()
-                .take(self.cfg.window)
-                .filter(|q| q.attempts > 0)
-                .count();
+            let in_flight = a.queue.window(&self.cfg).filter(|q| q.attempts > 0).count();
             accounts.push(json!({
                 "accountId": name,
                 "online": a.lease.as_ref().is_some_and(|l| l.conn.is_some()),
@@ -41,8 +36,8 @@ impl Bridge {
                 "outbox": {
                     "pending": a.queue.len(),
                     "inFlight": in_flight,
-                    "oldestCreatedAt": a.queue.values().next().map(|q| q.created_at),
-                    "nextRetryInMs": a.queue.values().take(self.cfg.window)
+                    "oldestCreatedAt": a.queue.iter().next().map(|(_, q)| q.created_at),
+                    "nextRetryInMs": a.queue.window(&self.cfg)
                         .map(|q| q.next_at.saturating_duration_since(now).as_millis() as u64).min(),
                 },
                 "deadLetter": a.dead,

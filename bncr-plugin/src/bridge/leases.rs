@@ -1,6 +1,57 @@
-//! Connections and per-account leases.
+//! Connections and per-account leases. [`Lease`]'s transitions are pure
+//! (the instant is passed in) and tested without sleeping.
 
 use super::*;
+
+impl Lease {
+    /// A new lease held by `conn`, taking the account over from `previous`:
+    /// its epoch is one higher.
+    pub(super) fn take_over(
+        previous: Option<&Lease>,
+        lease_id: String,
+        conn: ConnId,
+        client_id: Option<String>,
+        accepted_at: i64,
+    ) -> Lease {
+        Lease {
+            lease_id,
+            epoch: previous.map_or(0, |l| l.epoch) + 1,
+            conn: Some(conn),
+            client_id,
+            accepted_at,
+            offline_since: None,
+        }
+    }
+
+    /// Whether a request naming `lease_id` (and maybe `epoch`) names this
+    /// lease. A request naming an older lease or epoch is stale.
+    pub(super) fn is_current(&self, lease_id: &str, epoch: Option<u64>) -> bool {
+        lease_id == self.lease_id && epoch.is_none_or(|e| e == self.epoch)
+    }
+
+    /// Its connection closed at `now`.
+    pub(super) fn went_offline(&mut self, now: Instant) {
+        self.conn = None;
+        self.offline_since = Some(now);
+    }
+
+    /// The holder of an offline lease is back on `conn`; `false` (and no
+    /// change) when the lease is held by a connection.
+    pub(super) fn reattach(&mut self, conn: ConnId) -> bool {
+        if self.conn.is_some() {
+            return false;
+        }
+        self.conn = Some(conn);
+        self.offline_since = None;
+        true
+    }
+
+    /// Offline for at least `ttl` at `now`.
+    pub(super) fn expired(&self, now: Instant, ttl: Duration) -> bool {
+        self.offline_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= ttl)
+    }
+}
 
 impl Bridge {
     // ---------------------------------------------------------------- connections
@@ -24,8 +75,7 @@ impl Bridge {
                 if let Some(l) = acc.lease.as_mut()
                     && l.conn == Some(conn)
                 {
-                    l.conn = None;
-                    l.offline_since = Some(now);
+                    l.went_offline(now);
                     changed.push(lease_row(name, l));
                 }
             }
@@ -54,11 +104,7 @@ impl Bridge {
             let mut guard = self.state();
             let st = &mut *guard;
             for (name, acc) in st.accounts.iter_mut() {
-                let stale = acc
-                    .lease
-                    .as_ref()
-                    .and_then(|l| l.offline_since)
-                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl);
+                let stale = acc.lease.as_ref().is_some_and(|l| l.expired(now, ttl));
                 if stale && acc.conns.is_empty() {
                     acc.lease = None;
                     expired.push(name.clone());
@@ -90,9 +136,7 @@ impl Bridge {
         let st = self.state();
         let current = st.accounts.get(account).and_then(|a| a.lease.as_ref());
         match (common.lease_id.as_deref(), current) {
-            (Some(given), Some(l)) => {
-                given != l.lease_id || common.connection_epoch.is_some_and(|e| e != l.epoch)
-            }
+            (Some(given), Some(l)) => !l.is_current(given, common.connection_epoch),
             (Some(_), None) => true,
             (None, _) => false,
         }
@@ -119,15 +163,13 @@ impl Bridge {
         let row = {
             let mut st = self.state();
             let acc = st.accounts.entry(account.clone()).or_default();
-            let epoch = acc.lease.as_ref().map_or(0, |l| l.epoch) + 1;
-            let lease = Lease {
-                lease_id: self.new_id("lease"),
-                epoch,
-                conn: Some(conn),
-                client_id: p.client_id.clone(),
-                accepted_at: now,
-                offline_since: None,
-            };
+            let lease = Lease::take_over(
+                acc.lease.as_ref(),
+                self.new_id("lease"),
+                conn,
+                p.client_id.clone(),
+                now,
+            );
             acc.conns.insert(conn);
             let row = lease_row(&account, &lease);
             acc.lease = Some(lease);
@@ -173,11 +215,7 @@ impl Bridge {
             let acc = st.accounts.entry(account.clone()).or_default();
             acc.conns.insert(conn);
             match acc.lease.as_mut() {
-                Some(l) if l.conn.is_none() && p.lease_id.is_some() => {
-                    l.conn = Some(conn);
-                    l.offline_since = None;
-                    Some(lease_row(&account, l))
-                }
+                Some(l) if p.lease_id.is_some() => l.reattach(conn).then(|| lease_row(&account, l)),
                 _ => None,
             }
         };
@@ -205,5 +243,47 @@ pub(super) fn lease_row(account: &str, l: &Lease) -> LeaseRow {
         conn_id: l.conn.map(|c| c.0),
         client_id: l.client_id.clone(),
         accepted_at: l.accepted_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(epoch: u64) -> Lease {
+        Lease::take_over(None, "l1".into(), ConnId(1), None, 0).with_epoch(epoch)
+    }
+
+    impl Lease {
+        fn with_epoch(mut self, epoch: u64) -> Lease {
+            self.epoch = epoch;
+            self
+        }
+    }
+
+    #[test]
+    fn taking_over_raises_the_epoch_and_makes_the_old_lease_stale() {
+        let first = Lease::take_over(None, "l1".into(), ConnId(1), None, 0);
+        assert_eq!(first.epoch, 1);
+        let second = Lease::take_over(Some(&first), "l2".into(), ConnId(2), None, 5);
+        assert_eq!((second.epoch, second.conn), (2, Some(ConnId(2))));
+        assert!(second.is_current("l2", Some(2)) && second.is_current("l2", None));
+        assert!(!second.is_current("l1", None), "the old lease id is stale");
+        assert!(!second.is_current("l2", Some(1)), "an old epoch is stale");
+    }
+
+    #[test]
+    fn offline_leases_expire_after_the_ttl_and_reattach_resets() {
+        let ttl = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut l = lease(3);
+        assert!(!l.expired(t0 + 10 * ttl, ttl), "online never expires");
+        l.went_offline(t0);
+        assert!(!l.expired(t0 + ttl - Duration::from_millis(1), ttl));
+        assert!(l.expired(t0 + ttl, ttl));
+        assert!(l.reattach(ConnId(9)));
+        assert!(!l.reattach(ConnId(10)), "held: no takeover by reattach");
+        assert_eq!((l.conn, l.epoch), (Some(ConnId(9)), 3));
+        assert!(!l.expired(t0 + 10 * ttl, ttl));
     }
 }

@@ -12,7 +12,7 @@ use plugin_api::{
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,8 +24,10 @@ mod admin;
 mod inbound;
 mod leases;
 mod outbox;
+mod queue;
 mod route;
 
+use queue::{AckOutcome, Pending, Queue};
 pub(crate) use route::{Route, inbound_route};
 
 /// The event carrying one outbound message.
@@ -69,24 +71,11 @@ struct Lease {
     offline_since: Option<Instant>,
 }
 
-#[derive(Debug, Clone)]
-struct Pending {
-    message_id: String,
-    session_key: String,
-    payload: Value,
-    attempts: u32,
-    next_at: Instant,
-    created_at: i64,
-    last_error: Option<String>,
-    /// A file for this message is being sent to the client.
-    transferring: bool,
-}
-
 #[derive(Debug, Default)]
 struct Account {
     lease: Option<Lease>,
     conns: BTreeSet<ConnId>,
-    queue: BTreeMap<i64, Pending>,
+    queue: Queue,
     dead: u64,
 }
 

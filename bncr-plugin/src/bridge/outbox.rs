@@ -103,6 +103,8 @@ impl Bridge {
         }
     }
 
+    /// Step every online account's queue at `now` (see [`Queue::step`]) and
+    /// turn its decisions into pushes and dead letters.
     #[allow(clippy::type_complexity)]
     pub(super) fn plan(
         &self,
@@ -111,7 +113,6 @@ impl Bridge {
         let mut pushes = Vec::new();
         let mut deads = Vec::new();
         let mut next: Option<Instant> = None;
-        let limit = self.cfg.retry_limit;
         let files_dir = self.root.join("files");
         let mut st = self.state();
         let st = &mut *st;
@@ -119,29 +120,18 @@ impl Bridge {
             let Some(conn) = acc.lease.as_ref().and_then(|l| l.conn) else {
                 continue;
             };
-            let head: Vec<i64> = acc.queue.keys().take(self.cfg.window).copied().collect();
-            for seq in head {
-                let Some(p) = acc.queue.get_mut(&seq) else {
+            let step = acc.queue.step(now, &self.cfg);
+            if let Some(t) = step.next {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+            for (seq, p) in step.dead {
+                st.index.remove(&p.message_id);
+                deads.push((name.clone(), seq, p));
+            }
+            for seq in step.push {
+                let Some(p) = acc.queue.get_mut(seq) else {
                     continue;
                 };
-                if p.transferring {
-                    continue;
-                }
-                if p.next_at > now {
-                    next = Some(next.map_or(p.next_at, |n| n.min(p.next_at)));
-                    continue;
-                }
-                if p.attempts >= limit {
-                    if let Some(p) = acc.queue.remove(&seq) {
-                        st.index.remove(&p.message_id);
-                        deads.push((name.clone(), seq, p));
-                    }
-                    // The next message moves into the window; plan again now.
-                    next = Some(now);
-                    continue;
-                }
-                p.attempts += 1;
-                p.next_at = now + self.cfg.backoff(p.attempts);
                 let file = p
                     .payload
                     .get("path")
@@ -166,7 +156,6 @@ impl Bridge {
                         "message": p.payload,
                     }),
                 });
-                next = Some(next.map_or(p.next_at, |n| n.min(p.next_at)));
             }
         }
         (pushes, deads, next)
@@ -196,19 +185,8 @@ impl Bridge {
                 false
             }
         };
-        {
-            let mut st = self.state();
-            if let Some(q) = st
-                .accounts
-                .get_mut(&p.account)
-                .and_then(|a| a.queue.get_mut(&p.seq))
-            {
-                q.transferring = false;
-                q.next_at = Instant::now() + self.cfg.backoff(q.attempts);
-                if !ok {
-                    q.last_error = Some("file transfer failed".into());
-                }
-            }
+        if let Some(a) = self.state().accounts.get_mut(&p.account) {
+            a.queue.transfer_ended(p.seq, ok, Instant::now(), &self.cfg);
         }
         if ok {
             let _ = self.push(p);
@@ -232,16 +210,8 @@ impl Bridge {
             .to_string();
         if sent == 0 {
             // The connection is gone: not an attempt. Wait for a new lease.
-            {
-                let mut st = self.state();
-                if let Some(q) = st
-                    .accounts
-                    .get_mut(&p.account)
-                    .and_then(|a| a.queue.get_mut(&p.seq))
-                {
-                    q.attempts = q.attempts.saturating_sub(1);
-                    q.next_at = Instant::now();
-                }
+            if let Some(a) = self.state().accounts.get_mut(&p.account) {
+                a.queue.refused(p.seq, Instant::now());
             }
             tracing::info!(account = %p.account, conn = %p.conn, "bncr connection refused a push; marked offline");
             self.connection_closed(p.conn);
@@ -265,7 +235,7 @@ impl Bridge {
                 let mut st = self.state();
                 st.index.remove(&message_id);
                 if let Some(acc) = st.accounts.get_mut(&p.account) {
-                    acc.queue.remove(&p.seq);
+                    acc.queue.remove(p.seq);
                 }
             }
             store.enqueue("remove delivered", move |c| {
@@ -359,38 +329,20 @@ impl Bridge {
                 None => Next::Missing,
                 Some((account, seq)) => {
                     let acc = st.accounts.entry(account.clone()).or_default();
-                    if ok && !fatal {
-                        acc.queue.remove(&seq);
-                        st.index.remove(&message_id);
-                        Next::Done
-                    } else {
-                        let limit_hit = acc
-                            .queue
-                            .get(&seq)
-                            .is_some_and(|q| q.attempts >= self.cfg.retry_limit);
-                        if fatal || limit_hit {
-                            match acc.queue.remove(&seq) {
-                                Some(mut q) => {
-                                    st.index.remove(&message_id);
-                                    if p.error.is_some() {
-                                        q.last_error = p.error.clone();
-                                    }
-                                    Next::Dead(
-                                        account,
-                                        seq,
-                                        q,
-                                        if fatal { "fatal" } else { "retry-limit" },
-                                    )
-                                }
-                                None => Next::Missing,
-                            }
-                        } else if let Some(q) = acc.queue.get_mut(&seq) {
-                            q.last_error = p.error.clone();
-                            let wait = q.next_at.saturating_duration_since(Instant::now());
-                            Next::Retry(wait.as_millis() as u64)
-                        } else {
-                            Next::Missing
+                    let outcome =
+                        acc.queue
+                            .ack(seq, ok, fatal, p.error.clone(), Instant::now(), &self.cfg);
+                    match outcome {
+                        None => Next::Missing,
+                        Some(AckOutcome::Done) => {
+                            st.index.remove(&message_id);
+                            Next::Done
                         }
+                        Some(AckOutcome::Dead(q, reason)) => {
+                            st.index.remove(&message_id);
+                            Next::Dead(account, seq, q, reason)
+                        }
+                        Some(AckOutcome::Retry(ms)) => Next::Retry(ms),
                     }
                 }
             }
