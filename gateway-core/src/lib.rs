@@ -38,6 +38,7 @@ pub use loader::{
     BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,
     ManifestMethod, ManifestRuntime, PluginKind, PluginSource,
 };
+pub use plugin_host::{ProcessState, ProcessStatus};
 pub use registry::{
     ADMIN_PREFIXES, CORE_METHODS, ChannelEntry, HANDSHAKE_METHODS, MethodEntry, PluginIndex,
     Registry, RegistryBuilder, RegistryError,

@@ -201,6 +201,10 @@ pub struct ProcessStatus {
     pub restarts: u32,
     /// How the last process ended, if one did.
     pub last_exit: Option<String>,
+    /// Calls refused because the in-flight limit was reached.
+    pub busy_rejections: u64,
+    /// Calls answered with a timeout.
+    pub call_timeouts: u64,
 }
 
 struct State {
@@ -210,6 +214,8 @@ struct State {
     last_exit: Option<String>,
     services_started: bool,
     pid: Option<u32>,
+    busy_rejections: u64,
+    call_timeouts: u64,
 }
 
 struct Inner {
@@ -278,6 +284,8 @@ impl RuntimePlugin {
                 last_exit: None,
                 services_started: false,
                 pid: None,
+                busy_rejections: 0,
+                call_timeouts: 0,
             }),
             sink: OnceLock::new(),
             tail: tail.clone(),
@@ -345,8 +353,13 @@ impl RuntimePlugin {
                 ))),
             },
             Err(f) => {
-                if matches!(f, Failure::Timeout(_)) {
-                    probe(&self.inner, proc);
+                match f {
+                    Failure::Timeout(_) => {
+                        lock(&self.inner.state).call_timeouts += 1;
+                        probe(&self.inner, proc);
+                    }
+                    Failure::Busy => lock(&self.inner.state).busy_rejections += 1,
+                    _ => {}
                 }
                 Err(self.inner.failure_error(method, f))
             }
@@ -409,6 +422,8 @@ impl RuntimePlugin {
             pid: st.pid,
             restarts: st.restarts,
             last_exit: st.last_exit.clone(),
+            busy_rejections: st.busy_rejections,
+            call_timeouts: st.call_timeouts,
         }
     }
 }

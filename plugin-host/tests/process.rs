@@ -255,6 +255,7 @@ async fn calls_beyond_the_in_flight_limit_are_refused_busy_without_queueing() {
         busy += 1;
     }
     assert_eq!(busy, 16);
+    assert_eq!(p.status().busy_rejections, 16);
     for h in held {
         assert_eq!(h.await.unwrap().unwrap()["slept"], 1500);
     }
@@ -273,6 +274,7 @@ async fn a_call_past_its_deadline_is_answered_and_cancelled() {
     let e = call(&p, "t.sleep", json!({"ms": 3000})).await.unwrap_err();
     assert_eq!(reason(&e), "plugin-timeout");
     assert_eq!(e.retryable, Some(true));
+    assert_eq!(p.status().call_timeouts, 1);
     // The late answer is dropped; the process keeps serving.
     assert_eq!(call(&p, "t.add", json!({"a": 1})).await.unwrap()["sum"], 1);
     assert_eq!(p.status().restarts, 0);

@@ -164,7 +164,52 @@ impl Metrics {
             stats.uptime.as_secs_f64(),
         );
         self.limits.render(&mut out);
+        render_plugin_processes(&mut out, gateway);
         out
+    }
+}
+
+/// Per runtime plugin of the generation serving: whether its process is
+/// up, and the bounds it tripped (crashes, busy refusals, timeouts).
+fn render_plugin_processes(out: &mut String, gateway: &Gateway) {
+    let scope = gateway.current();
+    let rows: Vec<(String, gateway_core::ProcessStatus)> = scope
+        .loader()
+        .plugins()
+        .iter()
+        .filter_map(|p| Some((escape(&p.id), p.runtime.as_ref()?.status())))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    type Pick = fn(&gateway_core::ProcessStatus) -> f64;
+    let series: [(&str, &str, Pick); 4] = [
+        (
+            "gateway_plugin_process_up",
+            "1 while the plugin's process serves (this generation).",
+            |s| f64::from(u8::from(s.state == gateway_core::ProcessState::Running)),
+        ),
+        (
+            "gateway_plugin_process_crashes",
+            "Crashes of the plugin's process in this generation.",
+            |s| f64::from(s.restarts),
+        ),
+        (
+            "gateway_plugin_busy_rejections",
+            "Calls refused in this generation: the plugin had max_calls_in_flight calls in flight.",
+            |s| s.busy_rejections as f64,
+        ),
+        (
+            "gateway_plugin_call_timeouts",
+            "Calls to the plugin that timed out in this generation.",
+            |s| s.call_timeouts as f64,
+        ),
+    ];
+    for (name, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (id, status) in &rows {
+            let _ = writeln!(out, "{name}{{plugin=\"{id}\"}} {}", pick(status));
+        }
     }
 }
 

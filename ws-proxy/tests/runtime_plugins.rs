@@ -371,6 +371,19 @@ async fn crashes_hangs_and_stdout_garbage_are_isolated_and_every_call_answered_o
     let status = c.call("status", json!({})).await;
     let s = plugin_status(&status, "crashy");
     assert_eq!(s["restarts"], 3, "{s}");
+    let (_, _, metrics) = http(p.addr, "GET", "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "gateway_plugin_process_crashes{plugin=\"crashy\"}"
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "gateway_plugin_process_up{plugin=\"other\"}"),
+        Some(1.0)
+    );
     assert_eq!(s["lastExit"], "exit status 1");
 
     // The infinite loop: the calls time out, the ping is not answered, the
