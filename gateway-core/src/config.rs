@@ -329,6 +329,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// The line and column of the dotted `field` in TOML `text` (the deepest key
 /// of the path that exists), if it parses.
 pub fn toml_field_position(text: &str, field: &str) -> Option<(usize, usize)> {
+    // toml_edit 0.23 panics ("all items have spans") on some invalid
+    // documents, e.g. "plugins==\n[plugins."; only hand it text the toml
+    // parser accepts (found by `cargo xtask fuzz`).
+    text.parse::<toml::Table>().ok()?;
     let doc = text.parse::<toml_edit::Document<String>>().ok()?;
     let mut item: &toml_edit::Item = doc.as_item();
     let mut best: Option<std::ops::Range<usize>> = None;
@@ -416,6 +420,12 @@ drain_timeout_ms = 100
         let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
         assert!(err.message.contains("unknown field"), "{err}");
         assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn field_positions_in_invalid_documents_are_none() {
+        assert_eq!(toml_field_position("plugins==\n[plugins.", "plugins"), None);
+        assert_eq!(toml_field_position("[a]b\n", "a"), None);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! straight into a `String` without building an intermediate tree.
 
 use plugin_api::{ClientInfo, MethodResult, Role, RpcError};
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -160,10 +161,10 @@ pub struct ConnectAuth {
     pub password: Option<String>,
 }
 
-/// Params of the `connect` request. Strict on the types of known fields,
-/// lenient on unknown ones (newer clients send more).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// Params of the `connect` request. Strict on the types of known fields
+/// (objects must be JSON objects, never arrays read field by field), lenient
+/// on unknown ones (newer clients send more).
+#[derive(Debug, Clone)]
 pub struct ConnectParams {
     /// Lowest protocol the client speaks.
     pub min_protocol: u32,
@@ -172,14 +173,101 @@ pub struct ConnectParams {
     /// The client's self-description.
     pub client: ClientInfo,
     /// Requested role; `operator` by default.
-    #[serde(default)]
     pub role: Option<Role>,
     /// Requested scopes.
-    #[serde(default)]
     pub scopes: Option<Vec<String>>,
     /// Credentials.
-    #[serde(default)]
     pub auth: Option<ConnectAuth>,
+}
+
+/// The wire shape of [`ConnectParams`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectParamsObject {
+    min_protocol: u32,
+    max_protocol: u32,
+    #[serde(deserialize_with = "object_only")]
+    client: ClientInfo,
+    #[serde(default, deserialize_with = "optional_role")]
+    role: Option<Role>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "optional_object_only")]
+    auth: Option<ConnectAuth>,
+}
+
+impl<'de> Deserialize<'de> for ConnectParams {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let p: ConnectParamsObject = object_only(d)?;
+        Ok(ConnectParams {
+            min_protocol: p.min_protocol,
+            max_protocol: p.max_protocol,
+            client: p.client,
+            role: p.role,
+            scopes: p.scopes,
+            auth: p.auth,
+        })
+    }
+}
+
+/// Deserialize a struct only from a JSON object. serde's derived structs
+/// also accept an array of their fields in order, which the protocol does
+/// not allow (`"auth": ["secret"]` must not pass as a token).
+fn object_only<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+}
+
+/// [`object_only`] for an optional field (`null` is none).
+fn optional_object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct OptionVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for OptionVisitor<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+        fn visit_none<E>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Option<T>, D2::Error> {
+            object_only(d).map(Some)
+        }
+    }
+    d.deserialize_option(OptionVisitor(std::marker::PhantomData))
+}
+
+/// The role, only as the string `operator` or `node` (serde would also take
+/// an enum written as `{"node": null}`).
+fn optional_role<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Role>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None => Ok(None),
+        Some("operator") => Ok(Some(Role::Operator)),
+        Some("node") => Ok(Some(Role::Node)),
+        Some(other) => Err(serde::de::Error::unknown_variant(
+            other,
+            &["operator", "node"],
+        )),
+    }
 }
 
 impl ConnectParams {
@@ -309,5 +397,28 @@ mod tests {
         assert_eq!(p.auth.unwrap().token.as_deref(), Some("t"));
         assert_eq!(p.role, Some(Role::Operator));
         assert!(serde_json::from_str::<ConnectParams>(r#"{"minProtocol":"4"}"#).is_err());
+    }
+
+    #[test]
+    fn connect_params_take_objects_not_arrays() {
+        let client = r#"{"id":"c","version":"1","platform":"p","mode":"m"}"#;
+        let ok = format!(
+            r#"{{"minProtocol":4,"maxProtocol":4,"client":{client},"auth":null,"role":null}}"#
+        );
+        assert!(serde_json::from_str::<ConnectParams>(&ok).is_ok());
+        for bad in [
+            format!(r#"[4,4,{client}]"#),
+            r#"{"minProtocol":4,"maxProtocol":4,"client":["c","1","p","m"]}"#.to_string(),
+            format!(r#"{{"minProtocol":4,"maxProtocol":4,"client":{client},"auth":["secret"]}}"#),
+            format!(
+                r#"{{"minProtocol":4,"maxProtocol":4,"client":{client},"role":{{"node":null}}}}"#
+            ),
+            format!(r#"{{"minProtocol":4,"maxProtocol":4,"client":{client},"role":"admin"}}"#),
+        ] {
+            assert!(
+                serde_json::from_str::<ConnectParams>(&bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -12,6 +12,9 @@ use crate::soak::SoakConfig;
 /// How long the CI soak drives load and restarts.
 const CI_SOAK_DURATION: Duration = Duration::from_secs(10);
 
+/// How long CI fuzzes, in seconds, split over the six targets.
+const CI_FUZZ_SECONDS: f64 = 60.0;
+
 /// One CI step.
 #[derive(Debug)]
 enum Step {
@@ -29,6 +32,8 @@ enum Step {
     OpenclawCli,
     /// The dashboard in headless Chromium against the debug ws-proxy binary.
     Dashboard,
+    /// Bounded fuzzing of the parsers (`cargo xtask fuzz`).
+    Fuzz,
 }
 
 /// The steps in order, with their names.
@@ -64,6 +69,7 @@ const STEPS: &[(&str, Step)] = &[
             &[("RUSTDOCFLAGS", "-D warnings")],
         ),
     ),
+    ("fuzz", Step::Fuzz),
     ("soak", Step::Soak),
     ("openclaw cli", Step::OpenclawCli),
     ("dashboard", Step::Dashboard),
@@ -120,6 +126,14 @@ fn run_step(step: &Step) -> Result<()> {
             }
         },
         Step::Dashboard => crate::dashboard::run(),
+        Step::Fuzz => {
+            if !crate::fuzz(CI_FUZZ_SECONDS, None, None)? {
+                bail!(
+                    "fuzzing found a contract violation (input saved under target/fuzz/failures)"
+                );
+            }
+            Ok(())
+        }
         Step::Soak => {
             let config = SoakConfig {
                 duration: CI_SOAK_DURATION,

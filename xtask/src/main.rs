@@ -61,6 +61,9 @@ enum Command {
     /// command plugin vs Node plugin, Node throughput vs health, restarts
     /// with Node plugins, RSS per plugin process.
     PluginBench(PluginBenchArgs),
+    /// Fuzz the parsers for a bounded time (frame, connect params, bncr
+    /// params, gateway and ws-proxy config, manifests); see the `fuzz` crate.
+    Fuzz(FuzzArgs),
     /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
     OpenclawCli {
         /// Build and run the release binary.
@@ -110,6 +113,20 @@ struct PluginBenchArgs {
     /// Restarts measured.
     #[arg(long, default_value_t = 50)]
     restarts: usize,
+}
+
+/// Flags of `fuzz`.
+#[derive(Debug, Args)]
+struct FuzzArgs {
+    /// Total time, split evenly between the targets.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Only this target (`cargo run -p fuzz -- --list` names them).
+    #[arg(long)]
+    target: Option<String>,
+    /// Random seed, to repeat a run (printed by every run).
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// Flags of `compare`.
@@ -343,6 +360,11 @@ fn run(command: Command) -> Result<ExitCode> {
                 restarts: a.restarts,
             },
         )?)),
+        Command::Fuzz(args) => Ok(exit_code(fuzz(
+            args.seconds,
+            args.target.as_deref(),
+            args.seed,
+        )?)),
         Command::OpenclawCli { release } => match openclaw_cli::run(release)? {
             openclaw_cli::Outcome::Passed => {
                 println!("openclaw-cli: every call behaved");
@@ -387,6 +409,33 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(exit_code(runtime()?.block_on(compare::run(&config))?))
         }
     }
+}
+
+/// Run the `fuzz` crate's loop through its `fuzz_run` test: the dev
+/// profile (overflow checks and debug assertions on) and the features
+/// `cargo test --workspace` resolves, so nothing beyond what the tests
+/// compiled is built. `true` when no target failed.
+pub(crate) fn fuzz(seconds: f64, target: Option<&str>, seed: Option<u64>) -> Result<bool> {
+    let mut command = process::cargo();
+    command.args([
+        "test",
+        "--workspace",
+        "--test",
+        "fuzz_run",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]);
+    command.env("FUZZ_SECONDS", seconds.to_string());
+    command.env("FUZZ_TARGET", target.unwrap_or_default());
+    match seed {
+        Some(s) => command.env("FUZZ_SEED", s.to_string()),
+        None => command.env_remove("FUZZ_SEED"),
+    };
+    let status = command
+        .status()
+        .with_context(|| format!("spawn {command:?}"))?;
+    Ok(status.success())
 }
 
 /// Success when every check passed.
