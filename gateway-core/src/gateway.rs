@@ -151,6 +151,13 @@ pub struct GatewayStats {
     pub last_restart: Option<RestartRecord>,
     /// Time since the gateway started.
     pub uptime: Duration,
+    /// Drains (at restarts and at the stop) that reached their deadline.
+    pub drain_timeouts: u64,
+    /// Requests cancelled at a drain deadline (answered `UNAVAILABLE`,
+    /// reason `gateway-restarting`).
+    pub drain_cancelled_requests: u64,
+    /// Time spent in each restart phase, summed over successful restarts.
+    pub restart_phases_sum: RestartPhases,
 }
 
 #[derive(Default)]
@@ -172,6 +179,10 @@ pub(crate) struct Inner {
     draining: Mutex<Weak<RestartScope>>,
     restarts_ok: AtomicU64,
     restart_micros_sum: AtomicU64,
+    /// Build, stop-old and start-new time of successful restarts, in µs.
+    phase_micros_sum: [AtomicU64; 3],
+    drain_timeouts: AtomicU64,
+    drain_cancelled: AtomicU64,
     restarts_failed: AtomicU64,
     last_restart: Mutex<Option<RestartRecord>>,
     serving: watch::Sender<u64>,
@@ -212,6 +223,9 @@ impl Gateway {
             draining: Mutex::new(Weak::new()),
             restarts_ok: AtomicU64::new(0),
             restart_micros_sum: AtomicU64::new(0),
+            phase_micros_sum: Default::default(),
+            drain_timeouts: AtomicU64::new(0),
+            drain_cancelled: AtomicU64::new(0),
             restarts_failed: AtomicU64::new(0),
             last_restart: Mutex::new(None),
             serving: watch::Sender::new(0),
@@ -446,6 +460,7 @@ impl Gateway {
         let plugins = plugin_reports(&old, &new);
         *lock(&self.inner.draining) = Arc::downgrade(&old);
         let shutdown = old.shutdown(new.timings().drain_timeout()).await;
+        self.note_drain(&shutdown);
         // Under the lock: a concurrent `stats` has released its upgrade.
         *lock(&self.inner.draining) = Weak::new();
         let old_weak = Arc::downgrade(&old);
@@ -478,6 +493,13 @@ impl Gateway {
         self.inner
             .restart_micros_sum
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+        for (sum, d) in self.inner.phase_micros_sum.iter().zip([
+            phases.build,
+            phases.stop_old,
+            phases.start_new,
+        ]) {
+            sum.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        }
         self.set_last(RestartRecord {
             ok: true,
             generation,
@@ -528,6 +550,16 @@ impl Gateway {
         }
     }
 
+    /// Count a drain that reached its deadline, for `stats`.
+    fn note_drain(&self, report: &ShutdownReport) {
+        if report.drain_timed_out {
+            self.inner.drain_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .drain_cancelled
+                .fetch_add(report.cancelled_requests as u64, Ordering::Relaxed);
+        }
+    }
+
     fn set_last(&self, record: RestartRecord) {
         *lock(&self.inner.last_restart) = Some(record);
     }
@@ -541,7 +573,9 @@ impl Gateway {
         let scope = self.current();
         let drain = drain.unwrap_or_else(|| scope.timings().drain_timeout());
         info!(generation = scope.generation(), "gateway stopping");
-        scope.shutdown(drain).await
+        let report = scope.shutdown(drain).await;
+        self.note_drain(&report);
+        report
     }
 
     /// Whether [`Gateway::shutdown`] has begun.
@@ -562,6 +596,17 @@ impl Gateway {
                 + lock(&i.draining).upgrade().map_or(0, |s| s.in_flight()),
             last_restart: lock(&i.last_restart).clone(),
             uptime: i.started_at.elapsed(),
+            drain_timeouts: i.drain_timeouts.load(Ordering::Relaxed),
+            drain_cancelled_requests: i.drain_cancelled.load(Ordering::Relaxed),
+            restart_phases_sum: {
+                let us =
+                    |k: usize| Duration::from_micros(i.phase_micros_sum[k].load(Ordering::Relaxed));
+                RestartPhases {
+                    build: us(0),
+                    stop_old: us(1),
+                    start_new: us(2),
+                }
+            },
         }
     }
 

@@ -127,7 +127,7 @@ class Gateway {
 // ---- state and rendering ----------------------------------------------------
 const state = {
   gw: null, admin: false, timer: null, backoff: 500, logCursor: null,
-  lastMetrics: null, localHistory: [], methods: [], methodScopes: {}, busy: false,
+  lastMetrics: null, localHistory: [], methods: [], methodScopes: {}, busy: false, pluginRss: {},
 };
 
 function showSignin(message) {
@@ -271,8 +271,8 @@ function renderPlugins(plugins) {
   fill($('plugins').tBodies[0], plugins.map((p) => {
     const proc = [];
     if (p.pid) proc.push('pid ' + p.pid);
-    if (p.rssBytes !== undefined) proc.push(fmtBytes(p.rssBytes));
-    else if (p.rss !== undefined) proc.push(fmtBytes(p.rss));
+    const rss = p.rssBytes !== undefined ? p.rssBytes : p.pid ? state.pluginRss[p.id] : undefined;
+    if (rss !== undefined) proc.push(fmtBytes(rss));
     const crashes = p.crashes !== undefined ? p.crashes : p.restarts;
     if (crashes !== undefined) proc.push(crashes + ' restart' + (crashes === 1 ? '' : 's'));
     if (p.lastExit) proc.push('last exit ' + (typeof p.lastExit === 'string' ? p.lastExit : JSON.stringify(p.lastExit)));
@@ -331,6 +331,9 @@ function renderMetrics(text) {
       if (!line.includes('outcome="ok"')) errors += v;
     } else if (line.startsWith('gateway_process_resident_memory_bytes ')) {
       rss = Number(line.split(' ')[1]);
+    } else if (line.startsWith('gateway_plugin_process_resident_memory_bytes{')) {
+      const m = /plugin="([^"]*)"\} (\S+)/.exec(line);
+      if (m) state.pluginRss[m[1]] = Number(m[2]);
     }
   }
   const now = Date.now();

@@ -89,6 +89,8 @@ pub(crate) struct Outbox {
     socket_backlog: std::sync::OnceLock<Arc<AtomicUsize>>,
     /// When the client last sent a frame (unix ms), for `system-presence`.
     last_activity_ms: std::sync::atomic::AtomicU64,
+    /// The first close code the server asked for (0: none), for metrics.
+    close_code: std::sync::atomic::AtomicU16,
 }
 
 /// The receiving half, owned by the writer task. Taking an item off the
@@ -141,6 +143,7 @@ impl Outbox {
             close_requested: AtomicBool::new(false),
             socket_backlog: std::sync::OnceLock::new(),
             last_activity_ms: std::sync::atomic::AtomicU64::new(0),
+            close_code: std::sync::atomic::AtomicU16::new(0),
         });
         let rx = OutboxReceiver {
             rx,
@@ -197,6 +200,20 @@ impl Outbox {
         self.last_activity_ms.load(Ordering::Relaxed)
     }
 
+    fn note_close_code(&self, code: u16) {
+        let _ = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The close code the server asked for first, if it asked.
+    pub(crate) fn close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+
     /// Queue an encoded frame that no generation produced.
     pub(crate) fn frame(&self, text: String) -> bool {
         self.push(Outgoing::Frame(text))
@@ -239,12 +256,14 @@ impl Outbox {
     /// Close after everything already queued has been written.
     pub(crate) fn close(&self, code: u16, reason: &str) {
         self.close_requested.store(true, Ordering::Release);
+        self.note_close_code(code);
         let _ = self.push(Outgoing::Close(code, reason.to_string()));
     }
 
     /// Close at once, dropping what is queued.
     pub(crate) fn close_now(&self, code: u16, reason: &str) {
         self.close_requested.store(true, Ordering::Release);
+        self.note_close_code(code);
         {
             let mut r = self.abort_reason.lock().unwrap_or_else(|e| e.into_inner());
             if r.is_none() {

@@ -75,31 +75,43 @@ where
             Ok(Message::Text(t)) => break t.as_str().to_owned(),
             Ok(Message::Binary(_)) => {
                 let (code, reason) = crate::limits::binary_frame_close(&shared.metrics.limits);
-                refuse(outbox, Refusal::silent(code, reason));
+                refuse(shared, outbox, Refusal::silent(code, reason));
                 return None;
             }
             Ok(Message::Close(_)) => return None,
             Ok(_) => continue,
             Err(tungstenite::Error::Capacity(_)) => {
-                refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
+                refuse(
+                    shared,
+                    outbox,
+                    Refusal::silent(1009, "preauth payload too large"),
+                );
                 return None;
             }
             Err(tungstenite::Error::Io(e)) if crate::preauth::is_exceeded(&e) => {
-                refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
+                refuse(
+                    shared,
+                    outbox,
+                    Refusal::silent(1009, "preauth payload too large"),
+                );
                 return None;
             }
             Err(e) => {
                 if let Some((code, reason)) =
                     crate::limits::read_error_close(&shared.metrics.limits, &e)
                 {
-                    refuse(outbox, Refusal::silent(code, reason));
+                    refuse(shared, outbox, Refusal::silent(code, reason));
                 }
                 return None;
             }
         }
     };
     if text.len() > PREAUTH_MAX_PAYLOAD {
-        refuse(outbox, Refusal::silent(1009, "preauth payload too large"));
+        refuse(
+            shared,
+            outbox,
+            Refusal::silent(1009, "preauth payload too large"),
+        );
         return None;
     }
     match connect(shared, &text, peer, conn_id) {
@@ -113,13 +125,20 @@ where
             if !r.delay.is_zero() {
                 tokio::time::sleep(r.delay).await;
             }
-            refuse(outbox, r);
+            refuse(shared, outbox, r);
             None
         }
     }
 }
 
-fn refuse(outbox: &Outbox, r: Refusal) {
+fn refuse(shared: &Shared, outbox: &Outbox, r: Refusal) {
+    let details_code = r
+        .error
+        .as_ref()
+        .and_then(|e| e.details.as_ref())
+        .and_then(|d| d.get("code"))
+        .and_then(serde_json::Value::as_str);
+    shared.metrics.ops.handshake_refused(r.reason, details_code);
     if let (Some(id), Some(err)) = (&r.id, r.error) {
         outbox.frame(encode_response(id, &Err(*err)));
     }

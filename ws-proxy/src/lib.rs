@@ -20,6 +20,7 @@ mod limits;
 pub mod logs;
 mod metrics;
 mod ops;
+mod ops_metrics;
 mod preauth;
 mod server;
 pub mod signals;

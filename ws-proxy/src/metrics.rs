@@ -39,6 +39,8 @@ pub struct Metrics {
     duration_micros: AtomicU64,
     /// Counters for limits that tripped (see `limits`).
     pub(crate) limits: std::sync::Arc<crate::limits::LimitMetrics>,
+    /// Handshake failures, closes, cancellations, process and plugin figures.
+    pub(crate) ops: crate::ops_metrics::OpsMetrics,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,7 @@ impl Default for Metrics {
             duration_count: AtomicU64::new(0),
             duration_micros: AtomicU64::new(0),
             limits: Default::default(),
+            ops: Default::default(),
         }
     }
 }
@@ -165,6 +168,7 @@ impl Metrics {
         );
         self.limits.render(&mut out);
         render_plugin_processes(&mut out, gateway);
+        self.ops.render(&mut out, gateway);
         out
     }
 }
@@ -183,7 +187,7 @@ fn render_plugin_processes(out: &mut String, gateway: &Gateway) {
         return;
     }
     type Pick = fn(&gateway_core::ProcessStatus) -> f64;
-    let series: [(&str, &str, Pick); 4] = [
+    let series: [(&str, &str, Pick); 5] = [
         (
             "gateway_plugin_process_up",
             "1 while the plugin's process serves (this generation).",
@@ -203,6 +207,14 @@ fn render_plugin_processes(out: &mut String, gateway: &Gateway) {
             "gateway_plugin_call_timeouts",
             "Calls to the plugin that timed out in this generation.",
             |s| s.call_timeouts as f64,
+        ),
+        (
+            "gateway_plugin_process_resident_memory_bytes",
+            "Resident memory of the plugin's process (0 while none runs).",
+            |s| {
+                s.pid
+                    .map_or(0.0, |pid| crate::ops_metrics::resident_bytes(pid) as f64)
+            },
         ),
     ];
     for (name, help, pick) in series {

@@ -673,6 +673,10 @@ async fn run_connection<S>(
         Ok(r) => r,
         Err(_) => {
             outbox.close(1008, "handshake timeout");
+            shared
+                .metrics
+                .ops
+                .handshake_refused("handshake timeout", None);
             None
         }
     };
@@ -703,6 +707,7 @@ async fn run_connection<S>(
     .await;
     outbox.closed().cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    shared.metrics.ops.connection_closed(outbox.close_code());
     debug!(%peer, conn = %conn_id, "connection closed");
 }
 
@@ -835,7 +840,10 @@ fn handle_request(
         let (generation, result) = shared.gateway.dispatch_tagged(ctx, &method, params).await;
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(e) => outcome_label(e),
+            Err(e) => {
+                shared.metrics.ops.request_failed(e);
+                outcome_label(e)
+            }
         };
         outbox.response(encode_response(&id, &result), generation);
         in_flight.fetch_sub(1, Ordering::AcqRel);

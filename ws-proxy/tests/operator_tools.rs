@@ -355,3 +355,166 @@ async fn the_banner_links_the_dashboard_and_shows_a_token_in_full_only_when_gene
     second.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(second.wait(WAIT).await.code(), Some(0));
 }
+
+async fn scrape(s: &Server) -> String {
+    let (code, _, body) = http(s.addr, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    body
+}
+
+/// Connect with `token` (or none) and return the answer; the server closes.
+async fn connect_as(url: &str, token: Option<&str>) -> (Value, Closed) {
+    let mut c = Client::open(url).await;
+    c.next_frame().await.unwrap();
+    let mut p = connect_params(4, 4, &["operator.read"]);
+    if let Some(t) = token {
+        p["auth"] = json!({"token": t});
+    }
+    let res = c.request_raw("connect", p).await;
+    let (_, closed) = c.until_closed().await;
+    (res, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_handshake_failures_by_code_and_closes_by_code() {
+    let mut s = Server::start(&[]).await;
+    let (r, closed) = connect_as(&s.url(), Some("wrong")).await;
+    assert_eq!(r["error"]["details"]["code"], "AUTH_TOKEN_MISMATCH");
+    assert_eq!(closed.code, Some(1008));
+    let (r, _) = connect_as(&s.url(), None).await;
+    assert_eq!(r["error"]["details"]["code"], "AUTH_TOKEN_MISSING");
+    let mut c = Client::open(&s.url()).await;
+    c.next_frame().await.unwrap();
+    let r = c.request_raw("health", json!({})).await;
+    assert_eq!(r["ok"], false);
+    let (_, closed) = c.until_closed().await;
+    assert_eq!(closed.code, Some(1008));
+    // A client that leaves on its own.
+    let (c, _) = Client::admin(&s.url()).await;
+    drop(c);
+
+    let body = eventually(WAIT, "four closes counted", || async {
+        let body = scrape(&s).await;
+        let closes = metric(&body, "gateway_connection_closes_total{code=\"1008\"}").zip(metric(
+            &body,
+            "gateway_connection_closes_total{code=\"peer\"}",
+        ));
+        (closes == Some((3.0, 1.0))).then_some(body)
+    })
+    .await;
+    let m = |k: &str| metric(&body, k).unwrap_or_else(|| panic!("{k} missing:\n{body}"));
+    assert_eq!(
+        m("gateway_auth_failures_total{code=\"AUTH_TOKEN_MISMATCH\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("gateway_auth_failures_total{code=\"AUTH_TOKEN_MISSING\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("gateway_auth_failures_total{code=\"AUTH_PASSWORD_MISMATCH\"}"),
+        0.0
+    );
+    assert_eq!(
+        m("gateway_handshake_failures_total{reason=\"unauthorized\"}"),
+        2.0
+    );
+    assert_eq!(
+        m("gateway_handshake_failures_total{reason=\"not_connect\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("gateway_handshake_failures_total{reason=\"timeout\"}"),
+        0.0
+    );
+    assert_eq!(m("gateway_connection_closes_total{code=\"1012\"}"), 0.0);
+
+    // The process, the plugins and the Bncr bridge.
+    assert!(m("gateway_process_resident_memory_bytes") > 1_000_000.0);
+    assert!(m("gateway_process_open_fds") >= 3.0);
+    assert!(m("gateway_process_threads") >= 2.0);
+    for plugin in ["core", "bncr", "ops"] {
+        let key = format!("gateway_plugin_state{{plugin=\"{plugin}\",state=\"running\"}}");
+        assert_eq!(m(&key), 1.0, "{plugin}");
+        let key = format!("gateway_plugin_state{{plugin=\"{plugin}\",state=\"failed\"}}");
+        assert_eq!(m(&key), 0.0, "{plugin}");
+    }
+    assert_eq!(m("gateway_bncr_outbox_messages"), 0.0);
+    assert_eq!(m("gateway_bncr_pushes_in_flight"), 0.0);
+    assert_eq!(m("gateway_bncr_dead_letters"), 0.0);
+    // Every sample line belongs to a family declared before it.
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = name
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count")
+            .trim_end_matches("_bucket");
+        assert!(
+            body.contains(&format!("# TYPE {family} "))
+                || body.contains(&format!("# TYPE {name} ")),
+            "{line}"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_drain_timeouts_cancelled_requests_and_restart_phases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_for(dir.path(), "[restart]\ndrain_timeout_ms = 100\n");
+    let pdir = dir.path().join("plugins").join("slow");
+    std::fs::create_dir_all(&pdir).unwrap();
+    std::fs::write(
+        pdir.join("openclaw.plugin.json"),
+        json!({"id": "slow", "version": "1.0.0", "methods": [
+            {"name": "slow.wait", "handler": "sleep", "scope": "operator.read", "ms": 5000}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let p = path.display().to_string();
+    let mut s = Server::start(&["--config", &p]).await;
+    let (mut a, _) = Client::admin(&s.url()).await;
+    let (mut b, _) = Client::admin(&s.url()).await;
+    let id = a.fresh_id();
+    a.send_json(&json!({"type": "req", "id": id, "method": "slow.wait", "params": {}}))
+        .await;
+    eventually(WAIT, "the slow request to be in flight", || async {
+        (metric(&scrape(&s).await, "gateway_requests_in_flight") == Some(1.0)).then_some(())
+    })
+    .await;
+    let restarted = b.call("gateway.restart", json!({})).await;
+    assert_eq!(restarted["ok"], true, "{restarted}");
+    let cancelled = a.response(&id).await;
+    assert_eq!(
+        cancelled["error"]["details"]["reason"], "gateway-restarting",
+        "{cancelled}"
+    );
+
+    let body = eventually(WAIT, "the cancelled request counted", || async {
+        let body = scrape(&s).await;
+        (metric(
+            &body,
+            "gateway_requests_cancelled_total{reason=\"restart\"}",
+        ) == Some(1.0))
+        .then_some(body)
+    })
+    .await;
+    let m = |k: &str| metric(&body, k).unwrap_or_else(|| panic!("{k} missing:\n{body}"));
+    assert_eq!(m("gateway_drain_timeouts_total"), 1.0);
+    assert_eq!(m("gateway_drain_cancelled_requests_total"), 1.0);
+    assert_eq!(
+        m("gateway_requests_cancelled_total{reason=\"stopping\"}"),
+        0.0
+    );
+    for phase in ["build", "stop_old", "start_new"] {
+        let count = format!("gateway_restart_phase_seconds_count{{phase=\"{phase}\"}}");
+        assert_eq!(m(&count), 1.0);
+    }
+    // The drain waited for its deadline (100 ms) before cancelling.
+    assert!(m("gateway_restart_phase_seconds_sum{phase=\"stop_old\"}") >= 0.1);
+    s.stop().await;
+}
