@@ -11,7 +11,7 @@
 //! success is a JSON object.
 
 use super::{message_class, signature};
-use crate::engine::{Harness, InputKind, KnownIssue, Target};
+use crate::engine::{Harness, InputKind, Target};
 use crate::mutate;
 use gateway_core::{Catalog, Gateway, GatewayConfig, GatewayOptions, PluginEntry, StaticConfig};
 use plugin_api::{
@@ -98,11 +98,6 @@ const METHODS: &[&str] = &[
     "send",
 ];
 
-/// Transfers with more chunks than this are not started: `bncr.file.complete`
-/// would list every missing index (issue 10, item 3) and take the run's
-/// memory and time. Inits up to this size still show the defect.
-const MAX_CHUNKS_TRIED: u64 = 100_000;
-
 pub(super) fn target() -> Target {
     Target {
         name: "bncr",
@@ -112,20 +107,7 @@ pub(super) fn target() -> Target {
         seeds,
         generate,
         harness: || Box::new(BncrHarness::new()),
-        known: &[
-            KnownIssue {
-                contains: "bncr.deadLetter.inspect panicked: attempt to subtract with overflow",
-                tracked_in: "issue 10 item 10 (olderThan overflows)",
-            },
-            KnownIssue {
-                contains: "bncr.deadLetter.prune panicked: attempt to subtract with overflow",
-                tracked_in: "issue 10 item 10 (olderThan overflows)",
-            },
-            KnownIssue {
-                contains: "larger than the request",
-                tracked_in: "issue 10 item 3 (bncr.file.complete lists every missing chunk)",
-            },
-        ],
+        known: &[],
     }
 }
 
@@ -234,17 +216,6 @@ impl BncrHarness {
     }
 }
 
-/// The number of chunks a `bncr.file.init` would announce.
-fn announced_chunks(params: &Value) -> u64 {
-    let size = params.get("fileSize").and_then(Value::as_u64).unwrap_or(0);
-    let chunk = params
-        .get("chunkSize")
-        .and_then(Value::as_u64)
-        .unwrap_or(256 * 1024)
-        .max(1);
-    size.div_ceil(chunk)
-}
-
 impl Harness for BncrHarness {
     fn run(&mut self, input: &[u8]) -> u64 {
         let Ok(text) = std::str::from_utf8(input) else {
@@ -258,12 +229,6 @@ impl Harness for BncrHarness {
         let Ok(raw) = serde_json::from_str::<Box<RawValue>>(params) else {
             return 2;
         };
-        if method == "bncr.file.init" {
-            let v: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-            if announced_chunks(&v) > MAX_CHUNKS_TRIED {
-                return 3;
-            }
-        }
         // A handful of connections, so leases change hands.
         self.next_conn = (self.next_conn + 1) % 3;
         let ctx = RequestContext::new(Arc::new(ConnectionInfo {
