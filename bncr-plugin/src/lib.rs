@@ -347,7 +347,7 @@ impl Channel for BncrChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::{EventSink, NullTransport, RequiredScope, ScopeLife};
+    use plugin_api::{NullTransport, RequiredScope, ScopeLife};
 
     #[test]
     fn factory_declares_the_contract_without_side_effects() {
@@ -363,7 +363,7 @@ mod tests {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),
             state_dir: dir.clone(),
-            events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
+            events: plugin_api::host::event_sink("bncr", life.clone(), Arc::new(NullTransport)).0,
             life,
         };
         let plugin = (f.create)(ctx).unwrap();
@@ -399,7 +399,7 @@ mod tests {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),
             state_dir: std::env::temp_dir(),
-            events: EventSink::new("bncr", life.clone(), Arc::new(NullTransport)),
+            events: plugin_api::host::event_sink("bncr", life.clone(), Arc::new(NullTransport)).0,
             life,
         }
     }

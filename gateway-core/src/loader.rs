@@ -9,8 +9,8 @@
 use crate::config::{ConfigError, ConfigOrigin, GatewayConfig};
 use crate::core_plugin::CORE_PLUGIN_ID;
 use plugin_api::{
-    EventSink, EventTransport, Params, Plugin, PluginContext, PluginError, PluginFactory,
-    Registrar, RpcError, ScopeLife, scope,
+    EventTransport, Params, Plugin, PluginContext, PluginError, PluginFactory, Registrar, RpcError,
+    ScopeLife, scope,
 };
 use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
@@ -203,8 +203,9 @@ pub struct LoadedPlugin {
     /// Why its process could not start, for a runtime plugin the
     /// generation went live without.
     pub start_error: Option<String>,
-    /// Its event sink (declared events are fixed after `register`).
-    pub(crate) sink: EventSink,
+    /// Fixes its event sink's events after `register`; kept by the host,
+    /// never given to the plugin.
+    pub(crate) declarer: plugin_api::EventDeclarer,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -355,7 +356,8 @@ pub(crate) fn load(
         }
         let config = plugin_config(cx.config, &c)?;
         let code_hash = content_hash(&c.identity, &config);
-        let sink = EventSink::new(&c.id, cx.life.clone(), cx.transport.clone());
+        let (sink, declarer) =
+            plugin_api::host::event_sink(&c.id, cx.life.clone(), cx.transport.clone());
         let (runtime, start_error) = match &c.runtime {
             RuntimeSlot::Started(rt) => {
                 rt.attach_events(sink.clone());
@@ -398,7 +400,7 @@ pub(crate) fn load(
             kind: c.kind,
             runtime,
             start_error,
-            sink,
+            declarer,
         });
     }
     Ok(cache)

@@ -167,6 +167,15 @@ pub enum RegistryError {
         /// Second declarer.
         second: String,
     },
+    /// A plugin declared an event name it may not emit: one the gateway
+    /// itself emits ([`plugin_api::RESERVED_EVENTS`]), or a `chat.*` event
+    /// without declaring a channel.
+    ReservedEvent {
+        /// The event.
+        event: String,
+        /// The offending plugin.
+        plugin: String,
+    },
     /// Two plugins share an id.
     DuplicatePlugin {
         /// The plugin id.
@@ -202,6 +211,15 @@ impl fmt::Display for RegistryError {
             } => write!(
                 f,
                 "duplicate channel `{channel}`: declared by plugin `{first}` and by plugin `{second}`"
+            ),
+            RegistryError::ReservedEvent { event, plugin } => write!(
+                f,
+                "plugin `{plugin}` may not declare event `{event}`: {}",
+                if event.starts_with("chat.") {
+                    "chat.* events belong to plugins that declare a channel"
+                } else {
+                    "the gateway itself emits it"
+                }
             ),
             RegistryError::DuplicatePlugin { plugin } => {
                 write!(f, "plugin id `{plugin}` is loaded twice")
@@ -289,6 +307,15 @@ impl RegistryBuilder {
                 });
             }
             seen.push(name);
+        }
+        for e in &decl.events {
+            let chat_without_channel = e.starts_with("chat.") && decl.channels.is_empty();
+            if !core && (plugin_api::is_reserved_event(e) || chat_without_channel) {
+                return Err(RegistryError::ReservedEvent {
+                    event: e.clone(),
+                    plugin: plugin_id.into(),
+                });
+            }
         }
         for (id, _) in &decl.channels {
             if let Some(prev) = self.channels.get(id) {
@@ -465,5 +492,95 @@ mod tests {
         assert_eq!(reg.method_names(), vec!["p.a", "p.b", "p.hidden"]);
         assert_eq!(reg.owner_of("p.a"), Some("p"));
         assert_eq!(&*reg.features().events, &["plugin.p.e".to_string()]);
+    }
+
+    #[test]
+    fn plugins_cannot_declare_host_events_and_chat_needs_a_channel() {
+        for name in plugin_api::RESERVED_EVENTS.iter().chain(&["chat.inbound"]) {
+            let mut r = Registrar::new("evil");
+            r.event(*name);
+            let err = RegistryBuilder::new()
+                .add_plugin("evil", r.into_declarations())
+                .unwrap_err();
+            assert_eq!(
+                err,
+                RegistryError::ReservedEvent {
+                    event: name.to_string(),
+                    plugin: "evil".into()
+                }
+            );
+        }
+        struct Nowhere;
+        impl plugin_api::Channel for Nowhere {
+            fn send(
+                self: Arc<Self>,
+                _ctx: plugin_api::RequestContext,
+                _msg: plugin_api::OutboundMessage,
+            ) -> plugin_api::BoxFuture<Result<plugin_api::SendReceipt, plugin_api::RpcError>>
+            {
+                Box::pin(async { Err(plugin_api::RpcError::unavailable("nowhere")) })
+            }
+        }
+        let mut r = Registrar::new("bridge");
+        r.event("chat.inbound").channel("bridge", Arc::new(Nowhere));
+        assert!(
+            RegistryBuilder::new()
+                .add_plugin("bridge", r.into_declarations())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn node_only_methods_keep_their_scope_check() {
+        use plugin_api::{ClientInfo, ConnId, ConnectionInfo, RequestContext, Role, Scopes};
+        let mut r = Registrar::new("p");
+        r.method("config.node.apply")
+            .node_only()
+            .no_scope()
+            .sync(|_, _| Ok(Value::Null));
+        r.method("p.node.report")
+            .node_only()
+            .no_scope()
+            .sync(|_, _| Ok(Value::Null));
+        r.method("p.node.write")
+            .node_only()
+            .scope(scope::WRITE)
+            .sync(|_, _| Ok(Value::Null));
+        let mut b = RegistryBuilder::new();
+        b.add_plugin("p", r.into_declarations()).unwrap();
+        let reg = b.build();
+        let ctx = |role, scopes: &[&str]| {
+            RequestContext::new(Arc::new(ConnectionInfo {
+                conn_id: ConnId(1),
+                role,
+                scopes: Scopes::new(scopes.iter().copied()),
+                client: ClientInfo::default(),
+            }))
+        };
+        let check = |m: &str, c: &RequestContext| {
+            crate::scope::RestartScope::authorize(reg.get(m).unwrap(), c)
+                .map_err(|e| e.details_code().unwrap_or("").to_string())
+        };
+        let node = ctx(Role::Node, &[]);
+        // A reserved prefix needs operator.admin even for a node-only method.
+        assert_eq!(
+            check("config.node.apply", &node),
+            Err("MISSING_SCOPE".into())
+        );
+        assert_eq!(
+            check("config.node.apply", &ctx(Role::Node, &["operator.admin"])),
+            Ok(())
+        );
+        assert_eq!(check("p.node.report", &node), Ok(()));
+        assert_eq!(check("p.node.write", &node), Err("MISSING_SCOPE".into()));
+        assert_eq!(
+            check("p.node.write", &ctx(Role::Node, &["operator.write"])),
+            Ok(())
+        );
+        let admin = ctx(Role::Operator, &["operator.admin"]);
+        assert_eq!(
+            check("p.node.report", &admin),
+            Err("NODE_ROLE_REQUIRED".into())
+        );
     }
 }

@@ -208,7 +208,7 @@ impl RestartScope {
                 }
             })?;
             let mut decl = registrar.into_declarations();
-            p.sink.set_declared(decl.events.iter().cloned());
+            p.declarer.declare(decl.events.iter().cloned());
             let services = std::mem::take(&mut decl.services);
             let phase = if let Some(e) = &p.start_error {
                 PluginPhase::Failed(e.clone())
@@ -381,17 +381,18 @@ impl RestartScope {
     /// Check role and scope for calling `entry`.
     pub(crate) fn authorize(entry: &MethodEntry, ctx: &RequestContext) -> Result<(), RpcError> {
         let spec = &entry.spec;
+        // A node may call node-only and scope-free methods, an operator
+        // anything but node-only ones; either way the scope check follows (a
+        // node-only `config.*` method needs operator.admin like any other).
         if ctx.role() == Role::Node {
-            if spec.node_only || spec.scope == RequiredScope::None {
-                return Ok(());
+            if !spec.node_only && spec.scope != RequiredScope::None {
+                return Err(RpcError::forbidden(format!(
+                    "method {} is not available to node connections",
+                    spec.name
+                ))
+                .with_details(serde_json::json!({"code": "ROLE_NOT_ALLOWED", "role": "node"})));
             }
-            return Err(RpcError::forbidden(format!(
-                "method {} is not available to node connections",
-                spec.name
-            ))
-            .with_details(serde_json::json!({"code": "ROLE_NOT_ALLOWED", "role": "node"})));
-        }
-        if spec.node_only {
+        } else if spec.node_only {
             return Err(RpcError::forbidden(format!(
                 "method {} requires the node role",
                 spec.name

@@ -116,27 +116,72 @@ impl fmt::Debug for EventSink {
     }
 }
 
-impl EventSink {
-    /// A sink for `plugin_id` in `life`'s generation. Called by the host.
-    pub fn new(plugin_id: &str, life: ScopeLife, transport: Arc<dyn EventTransport>) -> Self {
-        EventSink {
-            plugin_id: plugin_id.into(),
-            life,
-            transport,
-            declared: Arc::new(OnceCell::new()),
-        }
-    }
+/// Event names the host itself emits; no plugin may declare or emit them,
+/// so a client can trust that they come from the gateway.
+pub const RESERVED_EVENTS: &[&str] = &[
+    "connect.challenge",
+    "tick",
+    "shutdown",
+    "gateway.generation",
+];
 
-    /// Fix the set of events this sink may emit: what the plugin declared in
-    /// `register`. Called by the host once; later calls are ignored.
-    pub fn set_declared(&self, events: impl IntoIterator<Item = String>) {
-        let _ = self.declared.set(events.into_iter().collect());
+/// Whether `name` is reserved for the host ([`RESERVED_EVENTS`]).
+pub fn is_reserved_event(name: &str) -> bool {
+    RESERVED_EVENTS.contains(&name)
+}
+
+/// The host's side of an [`EventSink`]: the one thing that can fix which
+/// events the sink may emit. Only whoever created the sink holds it (see
+/// [`crate::host::event_sink`]); the plugin gets the sink alone, so it cannot
+/// widen its own event set, before or after `register`.
+pub struct EventDeclarer {
+    declared: Arc<OnceCell<HashSet<String>>>,
+}
+
+impl fmt::Debug for EventDeclarer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventDeclarer")
+            .field("declared", &self.declared.get().map(HashSet::len))
+            .finish()
+    }
+}
+
+impl EventDeclarer {
+    /// Fix the sink's events to what the plugin declared in `register`.
+    /// Reserved names are dropped. Only the first call has an effect.
+    pub fn declare(&self, events: impl IntoIterator<Item = String>) {
+        let _ = self.declared.set(
+            events
+                .into_iter()
+                .filter(|e| !is_reserved_event(e))
+                .collect(),
+        );
+    }
+}
+
+impl EventSink {
+    /// A sink and its declarer; see [`crate::host::event_sink`].
+    pub(crate) fn with_declarer(
+        plugin_id: &str,
+        life: ScopeLife,
+        transport: Arc<dyn EventTransport>,
+    ) -> (Self, EventDeclarer) {
+        let declared = Arc::new(OnceCell::new());
+        (
+            EventSink {
+                plugin_id: plugin_id.into(),
+                life,
+                transport,
+                declared: declared.clone(),
+            },
+            EventDeclarer { declared },
+        )
     }
 
     fn prepare(&self, event: &str, payload: &impl Serialize) -> Result<OutboundEvent, EventError> {
         self.life.check().map_err(EventError::Retired)?;
         let declared = self.declared.get().is_some_and(|d| d.contains(event));
-        if !declared {
+        if !declared || is_reserved_event(event) {
             return Err(EventError::Undeclared(event.to_string()));
         }
         let payload = serde_json::value::to_raw_value(payload)
@@ -224,8 +269,8 @@ mod tests {
     fn sink_sends_declared_events_and_refuses_after_retire() {
         let (life, ctl) = ScopeLife::new(2);
         let rec = Arc::new(Recorder::default());
-        let sink = EventSink::new("demo", life, rec.clone());
-        sink.set_declared(["plugin.demo.ping".to_string()]);
+        let (sink, declarer) = crate::host::event_sink("demo", life, rec.clone());
+        declarer.declare(["plugin.demo.ping".to_string()]);
         assert_eq!(
             sink.send(
                 &[ConnId(5), ConnId(6)],
@@ -253,8 +298,8 @@ mod tests {
     fn default_broadcast_except_never_overstates() {
         let (life, _ctl) = ScopeLife::new(1);
         let rec = Arc::new(Recorder::default());
-        let sink = EventSink::new("demo", life, rec.clone());
-        sink.set_declared(["plugin.demo.ping".to_string()]);
+        let (sink, declarer) = crate::host::event_sink("demo", life, rec.clone());
+        declarer.declare(["plugin.demo.ping".to_string()]);
         let b = |except: &[ConnId]| {
             sink.broadcast_except("operator.write", except, "plugin.demo.ping", &1)
                 .unwrap()
@@ -263,5 +308,46 @@ mod tests {
         // A transport that cannot exclude sends to nobody and says so.
         assert_eq!(b(&[ConnId(3)]), 0);
         assert_eq!(rec.0.lock().unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod sealing {
+    use super::*;
+
+    #[test]
+    fn only_the_declarer_fixes_events_and_reserved_names_never_go_out() {
+        let (life, _ctl) = ScopeLife::new(1);
+        let (sink, declarer) = crate::host::event_sink("p", life, Arc::new(NullTransport));
+        // What the plugin holds (its sink, clones of it) has no way to
+        // declare; until the host declares, nothing can be emitted.
+        let plugin_copy = sink.clone();
+        assert!(matches!(
+            plugin_copy.broadcast("operator.read", "plugin.p.x", &1),
+            Err(EventError::Undeclared(_))
+        ));
+        declarer.declare([
+            "plugin.p.x".to_string(),
+            "shutdown".to_string(),
+            "tick".to_string(),
+        ]);
+        // A second declaration (the host's own, later) changes nothing.
+        declarer.declare(["plugin.p.y".to_string()]);
+        assert_eq!(
+            plugin_copy.broadcast("operator.read", "plugin.p.x", &1),
+            Ok(0)
+        );
+        assert!(
+            plugin_copy
+                .broadcast("operator.read", "plugin.p.y", &1)
+                .is_err()
+        );
+        for reserved in RESERVED_EVENTS {
+            assert_eq!(
+                plugin_copy.send(&[ConnId(1)], reserved, &1),
+                Err(EventError::Undeclared(reserved.to_string())),
+                "{reserved}"
+            );
+        }
     }
 }

@@ -32,6 +32,7 @@
 mod context;
 mod error;
 mod events;
+pub mod host;
 mod life;
 mod plugin;
 mod registrar;
@@ -41,7 +42,10 @@ pub use context::{
     ClientInfo, ConnId, ConnectionInfo, Params, RequestContext, Role, Scopes, scope,
 };
 pub use error::{ErrorCode, PluginError, RpcError};
-pub use events::{EventError, EventSink, EventTransport, NullTransport, OutboundEvent};
+pub use events::{
+    EventDeclarer, EventError, EventSink, EventTransport, NullTransport, OutboundEvent,
+    RESERVED_EVENTS, is_reserved_event,
+};
 pub use life::{HandleError, LifeController, Retired, ScopeHandle, ScopeLife};
 pub use plugin::{CreateFn, Plugin, PluginContext, PluginFactory};
 pub use registrar::{

@@ -2,8 +2,7 @@
 //! real pipes, real signals.
 
 use plugin_api::{
-    ConnId, ErrorCode, EventSink, EventTransport, OutboundEvent, Params, RequestContext, RpcError,
-    ScopeLife,
+    ConnId, ErrorCode, EventTransport, OutboundEvent, Params, RequestContext, RpcError, ScopeLife,
 };
 use plugin_host::{Limits, ProcessState, RuntimePlugin, SpawnSpec};
 use serde_json::{Value, json};
@@ -404,8 +403,8 @@ async fn only_declared_events_reach_the_transport() {
     let p = start(&env, json!({}), Limits::default()).await;
     let (life, _ctl) = ScopeLife::new(7);
     let rec = Arc::new(Recorder::default());
-    let sink = EventSink::new("t", life, rec.clone());
-    sink.set_declared(p.declarations().events.iter().cloned());
+    let (sink, declarer) = plugin_api::host::event_sink("t", life, rec.clone());
+    declarer.declare(p.declarations().events.iter().cloned());
     p.attach_events(sink);
     call(&p, "t.emit", json!({"event": "plugin.t.ping"}))
         .await

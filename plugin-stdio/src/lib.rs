@@ -33,7 +33,7 @@
 //! tested without a gateway.
 
 use plugin_api::{
-    ClientInfo, ConnId, ConnectionInfo, EventSink, EventTransport, Handler, OutboundEvent, Params,
+    ClientInfo, ConnId, ConnectionInfo, EventTransport, Handler, OutboundEvent, Params,
     PluginContext, PluginFactory, Registrar, RequestContext, RequiredScope, Role, RpcError,
     ScopeLife, Scopes, Service, Value,
 };
@@ -296,7 +296,7 @@ fn initialize(
         })?;
     let (life, controller) = ScopeLife::new(p.generation);
     let transport = Arc::new(StdioTransport { out: tx.clone() });
-    let sink = EventSink::new(&p.plugin_id, life.clone(), transport);
+    let (sink, declarer) = plugin_api::host::event_sink(&p.plugin_id, life.clone(), transport);
     let ctx = PluginContext {
         plugin_id: p.plugin_id.clone(),
         config: p.config,
@@ -308,7 +308,7 @@ fn initialize(
     let mut registrar = Registrar::new(&p.plugin_id);
     plugin.register(&mut registrar);
     let decl = registrar.into_declarations();
-    sink.set_declared(decl.events.iter().cloned());
+    declarer.declare(decl.events.iter().cloned());
     if !decl.channels.is_empty() || !decl.connection_closed.is_empty() {
         eprintln!(
             "plugin {}: channels and connection-closed hooks are not available to command plugins; ignored",

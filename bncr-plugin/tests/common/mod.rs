@@ -9,7 +9,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use plugin_api::{
-    Channel, ClientInfo, ConnId, ConnectionInfo, Declarations, EventSink, EventTransport, Handler,
+    Channel, ClientInfo, ConnId, ConnectionInfo, Declarations, EventTransport, Handler,
     LifeController, OutboundEvent, OutboundMessage, Params, PluginContext, Registrar,
     RequestContext, Role, RpcError, ScopeLife, Scopes, Value,
 };
@@ -171,7 +171,8 @@ impl Host {
     /// Build, register and start generation `generation`.
     pub async fn start(&self, generation: u64) -> Gen {
         let (life, ctl) = ScopeLife::new(generation);
-        let sink = EventSink::new("bncr", life.clone(), self.transport.clone());
+        let (sink, declarer) =
+            plugin_api::host::event_sink("bncr", life.clone(), self.transport.clone());
         let ctx = PluginContext {
             plugin_id: "bncr".into(),
             config: self.config.clone(),
@@ -184,7 +185,7 @@ impl Host {
         let mut r = Registrar::new("bncr");
         plugin.register(&mut r);
         let decl = r.into_declarations();
-        sink.set_declared(decl.events.clone());
+        declarer.declare(decl.events.clone());
         for s in &decl.services {
             s.clone().start().await.expect("service starts");
         }
