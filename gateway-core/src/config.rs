@@ -22,6 +22,9 @@ pub struct GatewayConfig {
     /// Restart timings.
     #[serde(default)]
     pub restart: RestartConfig,
+    /// Request deadlines.
+    #[serde(default)]
+    pub requests: RequestsConfig,
     /// Where this config was read from, for error messages.
     #[serde(skip)]
     pub origin: Option<ConfigOrigin>,
@@ -142,6 +145,63 @@ impl RestartConfig {
     }
 }
 
+/// `[requests]`: how long one request may run before it is answered
+/// retryable `UNAVAILABLE` (`details.reason = "request-timeout"`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestsConfig {
+    /// Deadline of every request, from admission to answer (waiting for a
+    /// plugin to start included).
+    pub timeout_ms: u64,
+    /// Deadlines of single methods, overriding `timeout_ms`
+    /// (`[requests.method_timeout_ms]` with `"bncr.send" = 60000`).
+    pub method_timeout_ms: BTreeMap<String, u64>,
+}
+
+/// The default request deadline: 30 s.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        RequestsConfig {
+            timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            method_timeout_ms: BTreeMap::new(),
+        }
+    }
+}
+
+impl RequestsConfig {
+    /// The deadline of `method`.
+    pub fn timeout_for(&self, method: &str) -> Duration {
+        Duration::from_millis(
+            self.method_timeout_ms
+                .get(method)
+                .copied()
+                .unwrap_or(self.timeout_ms),
+        )
+    }
+
+    /// Every deadline must be positive: a request without one could hold its
+    /// generation forever.
+    pub(crate) fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
+        if self.timeout_ms == 0 {
+            return Err(ConfigError::at_field(
+                origin,
+                "requests.timeout_ms",
+                "must be positive",
+            ));
+        }
+        if let Some((m, _)) = self.method_timeout_ms.iter().find(|(_, ms)| **ms == 0) {
+            return Err(ConfigError::at_field(
+                origin,
+                &format!("requests.method_timeout_ms.{m}"),
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A configuration problem, pointing at the file, line and field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -214,6 +274,14 @@ impl std::error::Error for ConfigError {}
 pub trait ConfigSource: Send + Sync + 'static {
     /// Read and parse the configuration now.
     fn load(&self) -> Result<GatewayConfig, ConfigError>;
+
+    /// Names (dotted, never values) of settings that only take effect when
+    /// the process starts and that changed on disk since it started. Each
+    /// restart asks, logs them and shows them in `status.lastRestart`. The
+    /// default has no such settings.
+    fn pending_process_settings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A config held in memory; embedding programs and tests replace it between
@@ -238,7 +306,7 @@ impl ConfigSource for StaticConfig {
     }
 }
 
-/// A TOML file holding (at least) `[plugins]` and `[restart]` tables, read
+/// A TOML file holding (at least) `[plugins]`, `[restart]` and `[requests]` tables, read
 /// again on every load. Other top-level tables are ignored, so the file can be
 /// shared with the server's own settings.
 #[derive(Debug, Clone)]
@@ -259,6 +327,8 @@ struct GatewaySections {
     plugins: PluginsConfig,
     #[serde(default)]
     restart: RestartConfig,
+    #[serde(default)]
+    requests: RequestsConfig,
 }
 
 impl ConfigSource for TomlFileConfig {
@@ -267,6 +337,7 @@ impl ConfigSource for TomlFileConfig {
         Ok(GatewayConfig {
             plugins: sections.plugins,
             restart: sections.restart,
+            requests: sections.requests,
             origin: Some(origin),
         })
     }
@@ -384,6 +455,12 @@ config = { dmPolicy = "open" }
 
 [restart]
 drain_timeout_ms = 100
+
+[requests]
+timeout_ms = 2500
+
+[requests.method_timeout_ms]
+"bncr.send" = 60000
 "#;
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
@@ -394,6 +471,32 @@ drain_timeout_ms = 100
         assert_eq!(e.config.as_ref().unwrap()["dmPolicy"], "open");
         assert_eq!(cfg.restart.drain_timeout_ms, 100);
         assert_eq!(cfg.restart.start_wait_ms, 5_000);
+        assert_eq!(
+            cfg.requests.timeout_for("bncr.send"),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            cfg.requests.timeout_for("health"),
+            Duration::from_millis(2500)
+        );
+        assert!(cfg.requests.check(cfg.origin.as_ref()).is_ok());
+    }
+
+    #[test]
+    fn request_deadlines_must_be_positive() {
+        let text = "[requests]\ntimeout_ms = 0\n";
+        let cfg: GatewaySections = parse_toml(&origin(text)).unwrap();
+        let err = cfg.requests.check(Some(&origin(text))).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("requests.timeout_ms"));
+        assert_eq!(err.line, Some(2));
+        let text = "[requests.method_timeout_ms]\n\"a.b\" = 0\n";
+        let cfg: GatewaySections = parse_toml(&origin(text)).unwrap();
+        let err = cfg.requests.check(None).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("requests.method_timeout_ms.a.b"));
+        assert_eq!(
+            RequestsConfig::default().timeout_for("x"),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

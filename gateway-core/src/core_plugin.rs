@@ -1,7 +1,7 @@
 //! The core plugin present in every generation: `health`, `status`,
 //! `gateway.restart` and `send`.
 
-use crate::gateway::{Gateway, GatewayLink, unix_ms};
+use crate::gateway::{Gateway, GatewayLink, RestartRecord, unix_ms};
 use crate::scope::{PluginPhase, RestartScope, ScopeSlot};
 use plugin_api::{
     OutboundMessage, Params, Plugin, PluginContext, PluginFactory, Registrar, RequestContext,
@@ -91,15 +91,16 @@ impl Plugin for CorePlugin {
             .handler(move |_, _| {
                 let gw = me.gateway();
                 async move {
-                    match gw?.restart().await {
+                    match gw?.restart_with("gateway.restart").await {
                         Ok(rep) => Ok(json!({
                             "ok": true,
                             "generation": rep.generation,
                             "previousGeneration": rep.previous,
-                            "durationMs": rep.duration.as_secs_f64() * 1e3,
+                            "durationMs": rep.duration.as_millis() as u64,
                             "methodsAdded": rep.methods_added,
                             "methodsRemoved": rep.methods_removed,
                             "failedPlugins": rep.failed_plugins.iter().map(|(id, e)| json!({"id": id, "error": e})).collect::<Vec<_>>(),
+                            "pendingProcessSettings": rep.pending_process_settings,
                         })),
                         Err(f) => Err(RpcError::unavailable(f.to_string()).with_details(json!({
                             "code": "RESTART_FAILED",
@@ -187,16 +188,15 @@ fn status(gw: &Gateway, scope: &RestartScope) -> Value {
             })
         })
         .collect();
-    let last = stats.last_restart.as_ref().map(|r| {
-        json!({"ok": r.ok, "generation": r.generation, "error": r.error, "durationMs": r.duration_ms, "at": r.at_ms})
-    });
+    let history: Vec<Value> = gw.restart_history().iter().map(restart_record).collect();
     let features = scope.features();
     json!({
         "generation": scope.generation(),
         "uptimeMs": stats.uptime.as_millis() as u64,
         "restartCount": stats.restarts_ok,
         "restartsFailed": stats.restarts_failed,
-        "lastRestart": last,
+        "lastRestart": history.first(),
+        "restartHistory": history,
         "plugins": plugins,
         "disabledPlugins": scope.loader().disabled,
         "methods": &*features.methods,
@@ -222,6 +222,31 @@ fn method_scopes(scope: &RestartScope) -> serde_json::Map<String, Value> {
             Some((m.clone(), json!(entry.spec.scope.as_str())))
         })
         .collect()
+}
+
+/// One restart record as `status` shows it (`lastRestart` and each entry of
+/// `restartHistory`).
+fn restart_record(r: &RestartRecord) -> Value {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    json!({
+        "ok": r.ok,
+        "generation": r.generation,
+        "trigger": r.trigger,
+        "at": r.at_ms,
+        "atMs": r.at_ms,
+        "durationMs": r.duration_ms,
+        "phasesMs": {
+            "build": ms(r.phases.build),
+            "handover": ms(r.phases.handover),
+            "stopOld": ms(r.phases.stop_old),
+            "startNew": ms(r.phases.start_new),
+        },
+        "methodsAdded": r.methods_added,
+        "methodsRemoved": r.methods_removed,
+        "pluginsChanged": r.plugins_changed,
+        "error": r.error,
+        "pendingProcessSettings": r.pending_process_settings,
+    })
 }
 
 #[derive(Deserialize)]
@@ -251,6 +276,10 @@ async fn send(
             ),
         );
     };
+    // Counted in the channel's plugin too: its hand-over waits for this send.
+    let _using = scope
+        .use_plugin(entry.owner)
+        .ok_or_else(|| scope.cancel_error())?;
     scope.ready(entry.owner, &p.channel).await?;
     let channel = entry.channel.clone();
     let receipt = channel

@@ -5,19 +5,19 @@ use crate::config::ConfigSource;
 use crate::frame::Features;
 use crate::loader::{BuildError, Candidate, Catalog, PluginSource};
 use crate::panic;
-use crate::scope::{Admitted, BuildInputs, RestartScope, ScopeSlot, ShutdownReport};
+use crate::scope::{Admitted, BuildInputs, CancelReason, RestartScope, ScopeSlot, ShutdownReport};
 use arc_swap::ArcSwap;
 use plugin_api::{
     ConnId, ConnectionInfo, EventTransport, MethodResult, Params, RequestContext, RpcError,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// What a gateway is made of.
 #[derive(Clone)]
@@ -63,11 +63,19 @@ pub struct RestartReport {
     pub generation: u64,
     /// The generation it replaced.
     pub previous: u64,
-    /// From trigger to the new generation serving.
+    /// What triggered it (`SIGUSR1`, `gateway.restart`, `api`, ...).
+    pub trigger: String,
+    /// From trigger to every plugin handed over (the new generation serves
+    /// from the swap on, after `phases.build`).
     pub duration: Duration,
-    /// Where that time went: build, old generation's drain and stop, new
-    /// generation's start.
+    /// Where that time went.
     pub phases: RestartPhases,
+    /// Each plugin's hand-over, in the new generation's load order, then
+    /// plugins only the old generation had.
+    pub handovers: Vec<PluginHandover>,
+    /// Process-level settings changed on disk that apply only at the next
+    /// process start (names only).
+    pub pending_process_settings: Vec<String>,
     /// Plugins of the new generation.
     pub plugins: Vec<PluginReport>,
     /// Methods the new generation dispatches that the old did not.
@@ -83,12 +91,49 @@ pub struct RestartReport {
 /// How long each phase of a restart took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestartPhases {
-    /// Reading config and manifests, constructing plugins, freezing the registry.
+    /// From the trigger to the swap: reading config and manifests,
+    /// constructing plugins, freezing the registry. The new generation
+    /// serves (and is announced) from the end of this phase.
     pub build: Duration,
-    /// Draining the old generation and stopping its services.
+    /// From the swap until every plugin handed over.
+    pub handover: Duration,
+    /// The longest drain-and-stop of one plugin's old instance.
     pub stop_old: Duration,
-    /// Starting the new generation's services.
+    /// The longest start of one plugin's new services.
     pub start_new: Duration,
+}
+
+/// How a plugin's hand-over went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverKind {
+    /// In both generations: old drained and stopped, then new started.
+    Replaced,
+    /// Only in the new generation: started at once.
+    Added,
+    /// Only in the old generation: drained and stopped.
+    Removed,
+}
+
+/// One plugin's hand-over from the old generation to the new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginHandover {
+    /// The plugin id (plugins are matched across generations by id).
+    pub id: String,
+    /// Replaced, added or removed.
+    pub kind: HandoverKind,
+    /// Its requests in flight in the old generation when the drain began.
+    pub in_flight: usize,
+    /// Of those, cancelled at the drain deadline.
+    pub cancelled: usize,
+    /// Draining its old requests.
+    pub drain: Duration,
+    /// Stopping its old services and reaping its old tasks.
+    pub stop: Duration,
+    /// Starting its new services.
+    pub start: Duration,
+    /// From the swap until its new instance serves (for a removed plugin:
+    /// until its old instance stopped).
+    pub total: Duration,
 }
 
 /// A restart that did not happen; the old generation keeps serving.
@@ -117,20 +162,37 @@ impl std::error::Error for RestartFailure {}
 /// The outcome every coalesced trigger of one restart receives.
 pub type RestartOutcome = Result<RestartReport, RestartFailure>;
 
-/// The last restart, as `status` shows it.
-#[derive(Debug, Clone, PartialEq)]
+/// One restart as `status` (`lastRestart`, `restartHistory`) shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartRecord {
     /// Whether it succeeded.
     pub ok: bool,
     /// The generation serving afterwards.
     pub generation: u64,
-    /// The error, when it failed.
-    pub error: Option<String>,
-    /// How long it took.
-    pub duration_ms: f64,
+    /// What triggered it (`SIGUSR1`, `SIGUSR2`, `SIGHUP`, `gateway.restart`,
+    /// `api`, ...).
+    pub trigger: String,
     /// When it finished (unix ms).
     pub at_ms: u64,
+    /// How long it took, in whole milliseconds.
+    pub duration_ms: u64,
+    /// Where the time went (zero for a failed build's later phases).
+    pub phases: RestartPhases,
+    /// Methods the new generation added.
+    pub methods_added: Vec<String>,
+    /// Methods the new generation removed.
+    pub methods_removed: Vec<String>,
+    /// Plugins whose code or config changed (or that are new).
+    pub plugins_changed: Vec<String>,
+    /// The error, when it failed.
+    pub error: Option<String>,
+    /// Process-level settings changed on disk that apply only at the next
+    /// process start (names only, never values).
+    pub pending_process_settings: Vec<String>,
 }
+
+/// How many restart records [`Gateway::restart_history`] keeps.
+pub const RESTART_HISTORY_LEN: usize = 32;
 
 /// Counters for status and metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +209,7 @@ pub struct GatewayStats {
     pub restart_seconds_sum: f64,
     /// Requests in flight across generations.
     pub in_flight: usize,
-    /// The last restart.
+    /// The last restart (the newest entry of [`Gateway::restart_history`]).
     pub last_restart: Option<RestartRecord>,
     /// Time since the gateway started.
     pub uptime: Duration,
@@ -179,12 +241,12 @@ pub(crate) struct Inner {
     draining: Mutex<Weak<RestartScope>>,
     restarts_ok: AtomicU64,
     restart_micros_sum: AtomicU64,
-    /// Build, stop-old and start-new time of successful restarts, in µs.
-    phase_micros_sum: [AtomicU64; 3],
+    /// Build, stop-old, start-new and hand-over time of successful restarts, in µs.
+    phase_micros_sum: [AtomicU64; 4],
     drain_timeouts: AtomicU64,
     drain_cancelled: AtomicU64,
     restarts_failed: AtomicU64,
-    last_restart: Mutex<Option<RestartRecord>>,
+    history: Mutex<VecDeque<RestartRecord>>,
     serving: watch::Sender<u64>,
     closing: AtomicBool,
     started_at: Instant,
@@ -227,7 +289,7 @@ impl Gateway {
             drain_timeouts: AtomicU64::new(0),
             drain_cancelled: AtomicU64::new(0),
             restarts_failed: AtomicU64::new(0),
-            last_restart: Mutex::new(None),
+            history: Mutex::new(VecDeque::with_capacity(RESTART_HISTORY_LEN)),
             serving: watch::Sender::new(0),
             closing: AtomicBool::new(false),
             started_at: Instant::now(),
@@ -265,9 +327,10 @@ impl Gateway {
         self.inner.serving.subscribe()
     }
 
-    /// Admit a request to the current generation: the pointer is read once,
-    /// and if that generation closed its door in between, the newer one is
-    /// read instead. Fails only while the gateway is stopping.
+    /// Admit a request to the current generation, counted in its core
+    /// plugin: the pointer is read once, and if that generation closed its
+    /// door in between, the newer one is read instead. Fails only while the
+    /// gateway is stopping.
     pub fn admit(&self) -> Result<Admitted, RpcError> {
         loop {
             // A guard, not a clone: the only reference count taken is the
@@ -276,13 +339,17 @@ impl Gateway {
             if let Some(a) = RestartScope::try_admit(&scope) {
                 return Ok(a);
             }
-            if self.inner.closing.load(Ordering::SeqCst)
-                || Arc::ptr_eq(&scope, &self.inner.current.load())
-            {
+            if self.door_closed_for_good(&scope) {
                 return Err(closing_error());
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// A generation refused admission: true if no newer one will admit.
+    fn door_closed_for_good(&self, refused: &Arc<RestartScope>) -> bool {
+        self.inner.closing.load(Ordering::SeqCst)
+            || Arc::ptr_eq(refused, &self.inner.current.load())
     }
 
     /// Dispatch one request to the generation that admits it.
@@ -305,32 +372,46 @@ impl Gateway {
         method: &str,
         params: Params,
     ) -> (u64, MethodResult) {
-        let admitted = match self.admit() {
-            Ok(a) => a,
-            Err(e) => return (0, Err(e)),
+        // The pointer is read once; the method's plugin is looked up there
+        // and the request is counted in that plugin, so that plugin's
+        // hand-over (and no other) waits for it.
+        let admitted = loop {
+            let scope = self.inner.current.load();
+            let generation = scope.generation();
+            let Some(entry) = scope.registry().get(method) else {
+                return (
+                    generation,
+                    Err(RpcError::invalid_request(format!(
+                        "unknown method: {method}"
+                    ))),
+                );
+            };
+            if let Err(e) = RestartScope::authorize(entry, &ctx) {
+                return (generation, Err(e));
+            }
+            if entry.detached {
+                let handler = entry.spec.handler.clone();
+                let deadline = scope.request_deadlines().timeout_for(method);
+                drop(scope);
+                return (
+                    generation,
+                    crate::scope::run_detached(handler, method, deadline, ctx, params).await,
+                );
+            }
+            if let Some(a) = RestartScope::try_admit_for(&scope, entry.owner) {
+                break a;
+            }
+            if self.door_closed_for_good(&scope) {
+                return (0, Err(closing_error()));
+            }
+            std::hint::spin_loop();
         };
         let scope = admitted.scope();
-        let generation = scope.generation();
-        let Some(entry) = scope.registry().get(method) else {
-            return (
-                generation,
-                Err(RpcError::invalid_request(format!(
-                    "unknown method: {method}"
-                ))),
-            );
-        };
-        if let Err(e) = RestartScope::authorize(entry, &ctx) {
-            return (generation, Err(e));
-        }
-        if entry.detached {
-            let handler = entry.spec.handler.clone();
-            drop(admitted);
-            return (
-                generation,
-                crate::scope::run_detached(handler, ctx, params).await,
-            );
-        }
-        (generation, scope.invoke(entry, ctx, params).await)
+        let entry = scope
+            .registry()
+            .get(method)
+            .expect("the admitting scope has the method");
+        (scope.generation(), scope.invoke(entry, ctx, params).await)
     }
 
     /// Tell the current generation's plugins that an authenticated
@@ -345,15 +426,16 @@ impl Gateway {
         }
     }
 
-    /// Tell the current generation's plugins that a connection closed.
+    /// Tell every generation that may hold state for `conn` that it closed:
+    /// first a generation still handing over (only its plugins that have not
+    /// stopped yet), then the current one. Each plugin's hook runs once per
+    /// generation; a panicking hook is logged and the others still run.
     pub fn connection_closed(&self, conn: ConnId) {
-        let scope = self.inner.current.load();
-        for (owner, hook) in scope.registry().connection_closed_hooks() {
-            if let Err(p) = panic::catch(|| hook(conn)) {
-                let plugin = &scope.registry().plugin_ids()[*owner];
-                error!(plugin = %plugin, panic = %p, "connection-closed hook panicked");
-            }
+        let draining = lock(&self.inner.draining).upgrade();
+        if let Some(old) = draining {
+            notify_closed(&old, conn, true);
         }
+        notify_closed(&self.inner.current.load(), conn, false);
     }
 
     /// Build a generation from the current config and discard it, reporting
@@ -397,11 +479,21 @@ impl Gateway {
         self.build_scope(generation, &config, manifests)
     }
 
-    /// Restart in-process: build a new generation from config and manifests
-    /// read again, swap it in, drain and stop the old one, start the new one.
-    /// Concurrent calls coalesce: a call made while a restart runs joins the
-    /// one pending restart behind it, which every such caller then shares.
+    /// Restart in-process, triggered by the embedding program (`api`).
+    /// See [`Gateway::restart_with`].
     pub async fn restart(&self) -> RestartOutcome {
+        self.restart_with("api").await
+    }
+
+    /// Restart in-process: build a new generation from config and manifests
+    /// read again, swap it in (it serves from that moment), then hand each
+    /// plugin over on its own: drain and stop its old instance, start its
+    /// new one. `trigger` names what asked for it (`SIGUSR1`,
+    /// `gateway.restart`, ...) in the restart history. Concurrent calls
+    /// coalesce: a call made while a restart runs joins the one pending
+    /// restart behind it (recorded with the first joiner's trigger), which
+    /// every such caller then shares.
+    pub async fn restart_with(&self, trigger: &str) -> RestartOutcome {
         let mut rx = {
             let mut pending = lock(&self.inner.coordinator.pending);
             match &*pending {
@@ -410,17 +502,25 @@ impl Gateway {
                     let (tx, rx) = watch::channel(None);
                     *pending = Some(rx.clone());
                     let gateway = self.clone();
+                    let trigger = trigger.to_string();
                     tokio::spawn(async move {
                         let _running = gateway.inner.coordinator.running.lock().await;
                         // From here on, new triggers queue a further restart.
                         lock(&gateway.inner.coordinator.pending).take();
                         let started = Instant::now();
-                        let outcome =
-                            match panic::catch_async(gateway.restart_now(started)).await {
-                                Ok(o) => o,
-                                Err(p) => Err(gateway
-                                    .record_failure(started, format!("restart panicked: {p}"))),
-                            };
+                        let outcome = match panic::catch_async(
+                            gateway.restart_now(started, &trigger),
+                        )
+                        .await
+                        {
+                            Ok(o) => o,
+                            Err(p) => Err(gateway.record_failure(
+                                started,
+                                &trigger,
+                                format!("restart panicked: {p}"),
+                                Vec::new(),
+                            )),
+                        };
                         tx.send_replace(Some(outcome));
                     });
                     rx
@@ -441,25 +541,49 @@ impl Gateway {
         }
     }
 
-    async fn restart_now(&self, started: Instant) -> RestartOutcome {
+    async fn restart_now(&self, started: Instant, trigger: &str) -> RestartOutcome {
+        let pending = self.inner.options.config.pending_process_settings();
+        if !pending.is_empty() {
+            warn!(
+                settings = %pending.join(", "),
+                "process-level settings changed on disk; they apply only when the process restarts"
+            );
+        }
         if self.inner.closing.load(Ordering::SeqCst) {
-            return Err(self.record_failure(started, "gateway is stopping".into()));
+            return Err(self.record_failure(
+                started,
+                trigger,
+                "gateway is stopping".into(),
+                pending,
+            ));
         }
         let old_gen = self.current().generation();
         // Restarts are serialized, so the next number is free; a failed build
         // never served and leaves no gap.
         let generation = old_gen + 1;
-        info!(from = old_gen, to = generation, "restart started");
+        info!(from = old_gen, to = generation, trigger, "restart started");
         let new = match self.build_next(generation).await {
             Ok(s) => s,
-            Err(e) => return Err(self.record_failure(started, e.to_string())),
+            Err(e) => return Err(self.record_failure(started, trigger, e.to_string(), pending)),
         };
-        let built_at = Instant::now();
+        // The swap: from here on the new generation admits every request and
+        // is announced; the old one admits nothing new.
         let old = self.inner.current.swap(new.clone());
+        old.close_admission();
+        *lock(&self.inner.draining) = Arc::downgrade(&old);
+        self.inner.serving.send_replace(generation);
+        let swapped_at = Instant::now();
+        let build = swapped_at - started;
+        info!(
+            generation,
+            build_ms = build.as_millis() as u64,
+            methods = new.features().methods.len(),
+            plugins = new.loader().plugins().len(),
+            "generation {generation} serving"
+        );
         let (methods_added, methods_removed) = diff_methods(&old, &new);
         let plugins = plugin_reports(&old, &new);
-        *lock(&self.inner.draining) = Arc::downgrade(&old);
-        let shutdown = old.shutdown(new.timings().drain_timeout()).await;
+        let (handovers, shutdown) = hand_over(&old, &new).await;
         self.note_drain(&shutdown);
         // Under the lock: a concurrent `stats` has released its upgrade.
         *lock(&self.inner.draining) = Weak::new();
@@ -472,12 +596,15 @@ impl Gateway {
                 "retired generation is still referenced"
             );
         }
-        let stopped_at = Instant::now();
-        new.start_services().await;
         let phases = RestartPhases {
-            build: built_at - started,
-            stop_old: stopped_at - built_at,
-            start_new: stopped_at.elapsed(),
+            build,
+            handover: swapped_at.elapsed(),
+            stop_old: handovers
+                .iter()
+                .map(|h| h.drain + h.stop)
+                .max()
+                .unwrap_or_default(),
+            start_new: handovers.iter().map(|h| h.start).max().unwrap_or_default(),
         };
         let failed_plugins: Vec<(String, String)> = new
             .plugin_phases()
@@ -487,7 +614,6 @@ impl Gateway {
                 _ => None,
             })
             .collect();
-        self.inner.serving.send_replace(generation);
         let duration = started.elapsed();
         self.inner.restarts_ok.fetch_add(1, Ordering::Relaxed);
         self.inner
@@ -497,32 +623,49 @@ impl Gateway {
             phases.build,
             phases.stop_old,
             phases.start_new,
+            phases.handover,
         ]) {
             sum.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
         }
-        self.set_last(RestartRecord {
-            ok: true,
-            generation,
-            error: None,
-            duration_ms: duration.as_secs_f64() * 1e3,
-            at_ms: unix_ms(),
-        });
+        let plugins_changed: Vec<String> = plugins
+            .iter()
+            .filter(|p| p.changed)
+            .map(|p| p.id.clone())
+            .collect();
         info!(
             generation,
-            duration_ms = duration.as_secs_f64() * 1e3,
-            build_ms = phases.build.as_secs_f64() * 1e3,
-            stop_old_ms = phases.stop_old.as_secs_f64() * 1e3,
-            start_new_ms = phases.start_new.as_secs_f64() * 1e3,
+            trigger,
+            duration_ms = duration.as_millis() as u64,
+            build_ms = phases.build.as_millis() as u64,
+            handover_ms = phases.handover.as_millis() as u64,
+            stop_old_ms = phases.stop_old.as_millis() as u64,
+            start_new_ms = phases.start_new.as_millis() as u64,
             added = ?methods_added,
             removed = ?methods_removed,
-            changed = ?plugins.iter().filter(|p| p.changed).map(|p| p.id.as_str()).collect::<Vec<_>>(),
-            "restart complete; generation {generation} serving"
+            changed = ?plugins_changed,
+            "restart complete; every plugin handed over to generation {generation}"
         );
+        self.push_record(RestartRecord {
+            ok: true,
+            generation,
+            trigger: trigger.to_string(),
+            at_ms: unix_ms(),
+            duration_ms: duration.as_millis() as u64,
+            phases,
+            methods_added: methods_added.clone(),
+            methods_removed: methods_removed.clone(),
+            plugins_changed,
+            error: None,
+            pending_process_settings: pending.clone(),
+        });
         Ok(RestartReport {
             generation,
             previous: old_gen,
+            trigger: trigger.to_string(),
             duration,
             phases,
+            handovers,
+            pending_process_settings: pending,
             plugins,
             methods_added,
             methods_removed,
@@ -531,18 +674,33 @@ impl Gateway {
         })
     }
 
-    fn record_failure(&self, started: Instant, error: String) -> RestartFailure {
+    fn record_failure(
+        &self,
+        started: Instant,
+        trigger: &str,
+        error: String,
+        pending_process_settings: Vec<String>,
+    ) -> RestartFailure {
         let serving = self.current().generation();
         let duration = started.elapsed();
         self.inner.restarts_failed.fetch_add(1, Ordering::Relaxed);
-        self.set_last(RestartRecord {
+        self.push_record(RestartRecord {
             ok: false,
             generation: serving,
-            error: Some(error.clone()),
-            duration_ms: duration.as_secs_f64() * 1e3,
+            trigger: trigger.to_string(),
             at_ms: unix_ms(),
+            duration_ms: duration.as_millis() as u64,
+            phases: RestartPhases {
+                build: duration,
+                ..RestartPhases::default()
+            },
+            methods_added: Vec::new(),
+            methods_removed: Vec::new(),
+            plugins_changed: Vec::new(),
+            error: Some(error.clone()),
+            pending_process_settings,
         });
-        error!(generation = serving, error = %error, "restart failed; generation {serving} keeps serving");
+        error!(generation = serving, trigger, error = %error, "restart failed; generation {serving} keeps serving");
         RestartFailure {
             serving,
             error,
@@ -560,8 +718,18 @@ impl Gateway {
         }
     }
 
-    fn set_last(&self, record: RestartRecord) {
-        *lock(&self.inner.last_restart) = Some(record);
+    fn push_record(&self, record: RestartRecord) {
+        let mut history = lock(&self.inner.history);
+        if history.len() == RESTART_HISTORY_LEN {
+            history.pop_back();
+        }
+        history.push_front(record);
+    }
+
+    /// The last [`RESTART_HISTORY_LEN`] restarts, newest first, failed
+    /// ones included.
+    pub fn restart_history(&self) -> Vec<RestartRecord> {
+        lock(&self.inner.history).iter().cloned().collect()
     }
 
     /// Stop: refuse new requests with `UNAVAILABLE gateway-closing`, drain
@@ -594,7 +762,7 @@ impl Gateway {
             restart_seconds_sum: i.restart_micros_sum.load(Ordering::Relaxed) as f64 / 1e6,
             in_flight: i.current.load().in_flight()
                 + lock(&i.draining).upgrade().map_or(0, |s| s.in_flight()),
-            last_restart: lock(&i.last_restart).clone(),
+            last_restart: lock(&i.history).front().cloned(),
             uptime: i.started_at.elapsed(),
             drain_timeouts: i.drain_timeouts.load(Ordering::Relaxed),
             drain_cancelled_requests: i.drain_cancelled.load(Ordering::Relaxed),
@@ -605,6 +773,7 @@ impl Gateway {
                     build: us(0),
                     stop_old: us(1),
                     start_new: us(2),
+                    handover: us(3),
                 }
             },
         }
@@ -659,6 +828,94 @@ fn build_scope(
     let scope = Arc::new(RestartScope::build(generation, config, inputs)?);
     let _ = slot.set(Arc::downgrade(&scope));
     Ok(scope)
+}
+
+/// Hand every plugin over from `old` to `new`, each on its own and all at
+/// once: a plugin in both drains its old requests (cancelled at the drain
+/// deadline), stops its old services, then starts its new ones; a plugin
+/// only in `new` starts at once; one only in `old` drains and stops.
+/// `old` must have closed admission.
+async fn hand_over(
+    old: &RestartScope,
+    new: &RestartScope,
+) -> (Vec<PluginHandover>, ShutdownReport) {
+    let deadline = new.timings().drain_timeout();
+    let swapped = Instant::now();
+    let chain = |old_index: Option<usize>, new_index: Option<usize>, id: String| async move {
+        let mut h = PluginHandover {
+            id,
+            kind: match (old_index, new_index) {
+                (Some(_), Some(_)) => HandoverKind::Replaced,
+                (None, _) => HandoverKind::Added,
+                (_, None) => HandoverKind::Removed,
+            },
+            in_flight: 0,
+            cancelled: 0,
+            drain: Duration::ZERO,
+            stop: Duration::ZERO,
+            start: Duration::ZERO,
+            total: Duration::ZERO,
+        };
+        let mut report = ShutdownReport::default();
+        if let Some(o) = old_index {
+            let t = Instant::now();
+            let drained = old
+                .drain_plugin(o, deadline, CancelReason::Restarting)
+                .await;
+            h.in_flight = drained.in_flight;
+            h.cancelled = drained.cancelled;
+            h.drain = t.elapsed();
+            let t = Instant::now();
+            report = old.stop_plugin(o).await;
+            report.drain_timed_out = drained.cancelled > 0;
+            report.cancelled_requests = drained.cancelled;
+            h.stop = t.elapsed();
+        }
+        if let Some(n) = new_index {
+            let t = Instant::now();
+            new.start_plugin(n).await;
+            h.start = t.elapsed();
+        }
+        h.total = swapped.elapsed();
+        debug!(plugin = %h.id, kind = ?h.kind, in_flight = h.in_flight, cancelled = h.cancelled,
+            drain_ms = h.drain.as_millis() as u64, stop_ms = h.stop.as_millis() as u64,
+            start_ms = h.start.as_millis() as u64, "plugin handed over");
+        (h, report)
+    };
+    let mut chains = Vec::new();
+    for (n, p) in new.loader().plugins().iter().enumerate() {
+        chains.push(chain(old.plugin_index(&p.id), Some(n), p.id.clone()));
+    }
+    for (o, p) in old.loader().plugins().iter().enumerate() {
+        if new.plugin_index(&p.id).is_none() {
+            chains.push(chain(Some(o), None, p.id.clone()));
+        }
+    }
+    let mut total = ShutdownReport::default();
+    let mut handovers = Vec::with_capacity(chains.len());
+    for (h, report) in futures::future::join_all(chains).await {
+        total.add(report);
+        handovers.push(h);
+    }
+    (handovers, total)
+}
+
+/// Run `scope`'s connection-closed hooks for `conn`; with `live_only`, skip
+/// plugins that already handed over.
+fn notify_closed(scope: &RestartScope, conn: ConnId, live_only: bool) {
+    let phases = live_only.then(|| scope.plugin_phases());
+    for (owner, hook) in scope.registry().connection_closed_hooks() {
+        if phases
+            .as_ref()
+            .is_some_and(|p| p[*owner].1 == crate::PluginPhase::Stopped)
+        {
+            continue;
+        }
+        if let Err(p) = panic::catch(|| hook(conn)) {
+            let plugin = &scope.registry().plugin_ids()[*owner];
+            error!(generation = scope.generation(), plugin = %plugin, panic = %p, "connection-closed hook panicked");
+        }
+    }
 }
 
 fn diff_methods(old: &RestartScope, new: &RestartScope) -> (Vec<String>, Vec<String>) {

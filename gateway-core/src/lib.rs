@@ -4,9 +4,10 @@
 //! its immutable [`Registry`], its plugin instances, services, tasks and event
 //! sinks. The [`Gateway`] publishes the current scope behind one atomic
 //! pointer; a request reads it once and is answered by that scope alone. A
-//! restart builds a complete new scope from config and manifests read again,
-//! swaps it in, drains and stops the old one, then starts the new one; a
-//! failed build leaves the old scope serving. What the gateway advertises and
+//! restart builds a complete new scope from config and manifests read again
+//! and swaps it in; then each plugin hands over on its own (its old requests
+//! drain, its old services stop, its new services start); a failed build
+//! leaves the old scope serving. Every request has a deadline. What the gateway advertises and
 //! what it dispatches come from the same registry, so they cannot differ.
 //!
 //! This crate has no sockets: the host (ws-proxy, or your program) owns
@@ -24,15 +25,16 @@ mod scope;
 pub mod testing;
 
 pub use config::{
-    ConfigError, ConfigOrigin, ConfigSource, GatewayConfig, PluginEntry, PluginsConfig,
-    RestartConfig, RestartConnections, StaticConfig, TomlFileConfig, parse_toml, read_toml_file,
-    toml_field_position,
+    ConfigError, ConfigOrigin, ConfigSource, DEFAULT_REQUEST_TIMEOUT_MS, GatewayConfig,
+    PluginEntry, PluginsConfig, RequestsConfig, RestartConfig, RestartConnections, StaticConfig,
+    TomlFileConfig, parse_toml, read_toml_file, toml_field_position,
 };
 pub use core_plugin::{CORE_EVENTS, CORE_PLUGIN_ID};
 pub use frame::Features;
 pub use gateway::{
-    Gateway, GatewayOptions, GatewayStats, PluginReport, RestartFailure, RestartOutcome,
-    RestartPhases, RestartRecord, RestartReport,
+    Gateway, GatewayOptions, GatewayStats, HandoverKind, PluginHandover, PluginReport,
+    RESTART_HISTORY_LEN, RestartFailure, RestartOutcome, RestartPhases, RestartRecord,
+    RestartReport,
 };
 pub use loader::{
     BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,

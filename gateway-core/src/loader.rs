@@ -9,8 +9,8 @@
 use crate::config::{ConfigError, ConfigOrigin, GatewayConfig};
 use crate::core_plugin::CORE_PLUGIN_ID;
 use plugin_api::{
-    EventTransport, Params, Plugin, PluginContext, PluginError, PluginFactory, Registrar, RpcError,
-    ScopeLife, scope,
+    EventTransport, LifeController, Params, Plugin, PluginContext, PluginError, PluginFactory,
+    Registrar, RpcError, ScopeLife, scope,
 };
 use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
@@ -321,17 +321,19 @@ pub(crate) enum RuntimeSlot {
 pub(crate) struct LoadContext<'a> {
     pub(crate) config: &'a GatewayConfig,
     pub(crate) state_dir: &'a Path,
-    pub(crate) life: &'a ScopeLife,
+    pub(crate) generation: u64,
     pub(crate) transport: &'a Arc<dyn EventTransport>,
 }
 
-/// Find every plugin, validate configs, and construct the enabled ones.
+/// Find every plugin, validate configs, and construct the enabled ones. Each
+/// plugin gets a life of its own (so it can hand over on its own at a
+/// restart); the controllers come back in load order.
 pub(crate) fn load(
     cx: &LoadContext<'_>,
     core: PluginFactory,
     catalog: &Catalog,
     manifests: Vec<Candidate>,
-) -> Result<LoaderCache, BuildError> {
+) -> Result<(LoaderCache, Vec<LifeController>), BuildError> {
     let mut candidates = vec![builtin_candidate(&core)];
     candidates.extend(catalog.factories().iter().map(builtin_candidate));
     candidates.extend(manifests);
@@ -339,6 +341,7 @@ pub(crate) fn load(
     check_entries_known(cx.config, &candidates)?;
 
     let mut cache = LoaderCache::default();
+    let mut lives = Vec::new();
     for c in candidates {
         let entry = cx.config.plugins.entries.get(&c.id);
         let enabled = entry.and_then(|e| e.enabled).unwrap_or(c.enabled_default);
@@ -356,8 +359,9 @@ pub(crate) fn load(
         }
         let config = plugin_config(cx.config, &c)?;
         let code_hash = content_hash(&c.identity, &config);
+        let (life, controller) = ScopeLife::new(cx.generation);
         let (sink, declarer) =
-            plugin_api::host::event_sink(&c.id, cx.life.clone(), cx.transport.clone());
+            plugin_api::host::event_sink(&c.id, life.clone(), cx.transport.clone());
         let (runtime, start_error) = match &c.runtime {
             RuntimeSlot::Started(rt) => {
                 rt.attach_events(sink.clone());
@@ -371,7 +375,7 @@ pub(crate) fn load(
             config: config.clone(),
             state_dir: cx.state_dir.to_path_buf(),
             events: sink.clone(),
-            life: cx.life.clone(),
+            life,
         };
         let create = c.create.clone();
         let instance = crate::panic::catch(|| create(ctx))
@@ -402,8 +406,9 @@ pub(crate) fn load(
             start_error,
             declarer,
         });
+        lives.push(controller);
     }
-    Ok(cache)
+    Ok((cache, lives))
 }
 
 /// A candidate's config from `[plugins.entries.<id>]` (`{}` when absent),

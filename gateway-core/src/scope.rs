@@ -1,7 +1,14 @@
 //! `RestartScope`: one generation of plugins, and everything that lives and
 //! dies with it.
+//!
+//! Each plugin of a generation has its own in-flight count, its own request
+//! cancellation, its own services and its own life (tasks, handles, sinks),
+//! so that at a restart every plugin hands over on its own: its requests in
+//! the old generation drain (or are cancelled at the deadline), its old
+//! services stop, and only then do its new services start. A slow request of
+//! one plugin never holds up another plugin's hand-over.
 
-use crate::config::RestartConfig;
+use crate::config::{RequestsConfig, RestartConfig};
 use crate::frame::Features;
 use crate::loader::{LoadContext, LoaderCache};
 use crate::panic;
@@ -9,7 +16,7 @@ use crate::registry::{MethodEntry, PluginIndex, Registry, RegistryBuilder};
 use crate::{BuildError, Catalog, GatewayConfig};
 use plugin_api::{
     EventTransport, Handler, LifeController, MethodResult, Params, PluginFactory, Registrar,
-    RequestContext, RequiredScope, Role, RpcError, ScopeLife, Service,
+    RequestContext, RequiredScope, Role, RpcError, Service,
 };
 use std::fmt;
 use std::path::Path;
@@ -29,7 +36,7 @@ pub enum PluginPhase {
     Running,
     /// A service failed to start; its methods answer `UNAVAILABLE`.
     Failed(String),
-    /// Its generation has stopped.
+    /// It has handed over (or its generation has stopped).
     Stopped,
 }
 
@@ -38,10 +45,27 @@ const PHASE_RUNNING: u8 = 1;
 const PHASE_FAILED: u8 = 2;
 const PHASE_STOPPED: u8 = 3;
 
+/// Why a generation cancels the requests still in flight at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelReason {
+    /// A restart replaced the generation (`gateway-restarting`).
+    Restarting = 0,
+    /// The gateway is stopping (`gateway-stopping`).
+    Stopping = 1,
+}
+
 struct PluginRuntime {
     fast: AtomicU8,
     phase: watch::Sender<PluginPhase>,
     services: Vec<Arc<dyn Service>>,
+    /// Services whose `start` was called, in start order.
+    started: Mutex<Vec<Arc<dyn Service>>>,
+    /// Set once the services were stopped (exactly once).
+    stopped: AtomicBool,
+    /// Cancels this plugin's in-flight requests (a child of the scope's).
+    cancel: CancellationToken,
+    /// The plugin's tasks, handles and sinks.
+    life: LifeController,
 }
 
 impl PluginRuntime {
@@ -57,35 +81,48 @@ impl PluginRuntime {
     }
 }
 
-/// Counts requests admitted by one generation and closes the door on them.
-struct Admission {
-    open: AtomicBool,
+/// Requests in flight in one plugin of a generation.
+#[derive(Default)]
+struct PluginCount {
     inflight: AtomicUsize,
     empty: Notify,
 }
 
+/// Counts requests admitted by one generation, per plugin, and closes the
+/// door on them.
+struct Admission {
+    open: AtomicBool,
+    plugins: Box<[PluginCount]>,
+}
+
 impl Admission {
-    fn enter(&self) -> bool {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
+    fn enter(&self, plugin: PluginIndex) -> bool {
+        self.plugins[plugin].inflight.fetch_add(1, Ordering::SeqCst);
         if self.open.load(Ordering::SeqCst) {
             return true;
         }
-        self.leave();
+        self.leave(plugin);
         false
     }
 
-    fn leave(&self) {
-        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && !self.open.load(Ordering::SeqCst) {
-            self.empty.notify_waiters();
+    fn leave(&self, plugin: PluginIndex) {
+        let count = &self.plugins[plugin];
+        if count.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && !self.open.load(Ordering::SeqCst) {
+            count.empty.notify_waiters();
         }
     }
 
-    async fn wait_empty(&self) {
+    fn in_flight(&self, plugin: PluginIndex) -> usize {
+        self.plugins[plugin].inflight.load(Ordering::SeqCst)
+    }
+
+    async fn wait_empty(&self, plugin: PluginIndex) {
+        let count = &self.plugins[plugin];
         loop {
-            let notified = self.empty.notified();
+            let notified = count.empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.inflight.load(Ordering::SeqCst) == 0 {
+            if count.inflight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
@@ -94,16 +131,19 @@ impl Admission {
 }
 
 /// A request admitted by a generation. While it lives the generation counts
-/// it as in flight; dropping it releases the generation.
+/// it as in flight in the plugin that serves it; dropping it releases the
+/// generation.
 pub struct Admitted {
     scope: Option<Arc<RestartScope>>,
     admission: Arc<Admission>,
+    plugin: PluginIndex,
 }
 
 impl fmt::Debug for Admitted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admitted")
             .field("generation", &self.scope().generation)
+            .field("plugin", &self.plugin)
             .finish()
     }
 }
@@ -120,11 +160,25 @@ impl Drop for Admitted {
         // Release the scope before counting the request out, so that once the
         // drain sees zero in flight no request holds the scope any more.
         drop(self.scope.take());
-        self.admission.leave();
+        self.admission.leave(self.plugin);
     }
 }
 
-/// What happened when a generation shut down.
+/// A request of one plugin that also uses another plugin of its generation
+/// (the core `send` calling a channel): counted in that plugin too, so that
+/// plugin's hand-over waits for it.
+pub(crate) struct PluginUse {
+    admission: Arc<Admission>,
+    plugin: PluginIndex,
+}
+
+impl Drop for PluginUse {
+    fn drop(&mut self) {
+        self.admission.leave(self.plugin);
+    }
+}
+
+/// What happened when a generation (or some of its plugins) shut down.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// In-flight requests had to be cancelled at the drain deadline.
@@ -139,20 +193,38 @@ pub struct ShutdownReport {
     pub aborted_tasks: usize,
 }
 
+impl ShutdownReport {
+    pub(crate) fn add(&mut self, other: ShutdownReport) {
+        self.drain_timed_out |= other.drain_timed_out;
+        self.cancelled_requests += other.cancelled_requests;
+        self.services_stopped += other.services_stopped;
+        self.services_failed.extend(other.services_failed);
+        self.aborted_tasks += other.aborted_tasks;
+    }
+}
+
+/// How one plugin's requests drained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Requests in flight when the drain began.
+    pub(crate) in_flight: usize,
+    /// Requests cancelled at the deadline.
+    pub(crate) cancelled: usize,
+}
+
 /// One generation: its loader cache, registry, plugin instances, services,
 /// background tasks and event sinks. Built complete before it is published;
-/// dropped as a whole after it has drained and stopped.
+/// dropped as a whole after every plugin handed over.
 pub struct RestartScope {
     generation: u64,
     registry: Registry,
     loader: LoaderCache,
     plugins: Vec<PluginRuntime>,
-    started_services: Mutex<Vec<(PluginIndex, Arc<dyn Service>)>>,
-    services_stopped: AtomicBool,
     admission: Arc<Admission>,
     request_cancel: CancellationToken,
-    life: LifeController,
+    cancel_reason: AtomicU8,
     timings: RestartConfig,
+    requests: RequestsConfig,
     live_scopes: Arc<AtomicUsize>,
     built_at: Instant,
 }
@@ -189,17 +261,19 @@ impl RestartScope {
         config: &GatewayConfig,
         inputs: BuildInputs<'_>,
     ) -> Result<RestartScope, BuildError> {
-        let (life, controller) = ScopeLife::new(generation);
+        config.requests.check(config.origin.as_ref())?;
         let cx = LoadContext {
             config,
             state_dir: inputs.state_dir,
-            life: &life,
+            generation,
             transport: inputs.transport,
         };
-        let loader = crate::loader::load(&cx, inputs.core, inputs.catalog, inputs.manifests)?;
+        let (loader, lives) =
+            crate::loader::load(&cx, inputs.core, inputs.catalog, inputs.manifests)?;
+        let request_cancel = CancellationToken::new();
         let mut builder = RegistryBuilder::new();
         let mut plugins = Vec::with_capacity(loader.plugins().len());
-        for p in loader.plugins() {
+        for (p, life) in loader.plugins().iter().zip(lives) {
             let mut registrar = Registrar::new(&p.id);
             panic::catch(|| p.instance.register(&mut registrar)).map_err(|msg| {
                 BuildError::Plugin {
@@ -224,6 +298,10 @@ impl RestartScope {
                 fast: AtomicU8::new(PHASE_STARTING),
                 phase: watch::Sender::new(PluginPhase::Starting),
                 services,
+                started: Mutex::new(Vec::new()),
+                stopped: AtomicBool::new(false),
+                cancel: request_cancel.child_token(),
+                life,
             };
             rt.set(phase);
             plugins.push(rt);
@@ -233,17 +311,15 @@ impl RestartScope {
             generation,
             registry: builder.build(),
             loader,
-            plugins,
-            started_services: Mutex::new(Vec::new()),
-            services_stopped: AtomicBool::new(false),
             admission: Arc::new(Admission {
                 open: AtomicBool::new(true),
-                inflight: AtomicUsize::new(0),
-                empty: Notify::new(),
+                plugins: plugins.iter().map(|_| PluginCount::default()).collect(),
             }),
-            request_cancel: CancellationToken::new(),
-            life: controller,
+            plugins,
+            request_cancel,
+            cancel_reason: AtomicU8::new(CancelReason::Restarting as u8),
             timings: config.restart.clone(),
+            requests: config.requests.clone(),
             live_scopes: inputs.live_scopes.clone(),
             built_at: Instant::now(),
         })
@@ -274,6 +350,11 @@ impl RestartScope {
         &self.timings
     }
 
+    /// The request deadlines this generation applies.
+    pub fn request_deadlines(&self) -> &RequestsConfig {
+        &self.requests
+    }
+
     /// How long ago it was built.
     pub fn age(&self) -> Duration {
         self.built_at.elapsed()
@@ -281,12 +362,25 @@ impl RestartScope {
 
     /// Requests in flight in this generation.
     pub fn in_flight(&self) -> usize {
-        self.admission.inflight.load(Ordering::SeqCst)
+        (0..self.plugins.len())
+            .map(|p| self.admission.in_flight(p))
+            .sum()
+    }
+
+    /// Requests in flight in plugin `id` of this generation.
+    pub fn plugin_in_flight(&self, id: &str) -> usize {
+        self.plugin_index(id)
+            .map_or(0, |p| self.admission.in_flight(p))
     }
 
     /// Whether it still admits requests.
     pub fn is_admitting(&self) -> bool {
         self.admission.open.load(Ordering::SeqCst)
+    }
+
+    /// The index of plugin `id`, which matches plugins across generations.
+    pub fn plugin_index(&self, id: &str) -> Option<PluginIndex> {
+        self.loader.plugins().iter().position(|p| p.id == id)
     }
 
     /// Each plugin's id and phase, in load order.
@@ -370,12 +464,35 @@ impl RestartScope {
         out
     }
 
-    /// Admit a request, or `None` if this generation has closed its door.
+    /// Admit a request counted in the core plugin, or `None` if this
+    /// generation has closed its door.
     pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
-        self.admission.enter().then(|| Admitted {
+        self.try_admit_for(0)
+    }
+
+    /// Admit a request served by plugin `plugin` (its in-flight count is the
+    /// one that plugin's hand-over drains), or `None` if this generation has
+    /// closed its door.
+    pub fn try_admit_for(self: &Arc<Self>, plugin: PluginIndex) -> Option<Admitted> {
+        self.admission.enter(plugin).then(|| Admitted {
             scope: Some(self.clone()),
             admission: self.admission.clone(),
+            plugin,
         })
+    }
+
+    /// Count an admitted request in `plugin` too, or `None` once the door
+    /// is closed (the plugin may be handing over).
+    pub(crate) fn use_plugin(&self, plugin: PluginIndex) -> Option<PluginUse> {
+        self.admission.enter(plugin).then(|| PluginUse {
+            admission: self.admission.clone(),
+            plugin,
+        })
+    }
+
+    /// Admit nothing new from now on.
+    pub(crate) fn close_admission(&self) {
+        self.admission.open.store(false, Ordering::SeqCst);
     }
 
     /// Check role and scope for calling `entry`.
@@ -408,6 +525,18 @@ impl RestartScope {
                     "missingScope": s,
                     "requiredScopes": [s],
                 }))),
+        }
+    }
+
+    /// The answer for a request this generation cancels: retryable
+    /// `UNAVAILABLE`, `gateway-restarting` or `gateway-stopping`.
+    pub(crate) fn cancel_error(&self) -> RpcError {
+        if self.cancel_reason.load(Ordering::SeqCst) == CancelReason::Stopping as u8 {
+            RpcError::unavailable("gateway is stopping; retry the request")
+                .with_details(serde_json::json!({"reason": "gateway-stopping"}))
+                .retryable_after(None)
+        } else {
+            RpcError::restarting()
         }
     }
 
@@ -444,19 +573,21 @@ impl RestartScope {
             .with_details(
                 serde_json::json!({"method": what, "plugin": plugin, "reason": "plugin-failed"}),
             )),
-            PluginPhase::Stopped => Err(RpcError::restarting()),
+            PluginPhase::Stopped => Err(self.cancel_error()),
         }
     }
 
     /// Run an admitted request: wait for its plugin, call the handler, turn
-    /// panics into errors, and give up with a retryable `UNAVAILABLE` if this
-    /// generation cancels its in-flight requests at the drain deadline.
+    /// panics into errors; answer retryable `UNAVAILABLE` at the request's
+    /// deadline (`request-timeout`) or when its plugin's hand-over cancels
+    /// what is still in flight at the drain deadline.
     pub(crate) async fn invoke(
         &self,
         entry: &MethodEntry,
         ctx: RequestContext,
         params: Params,
     ) -> MethodResult {
+        let deadline = self.requests.timeout_for(&entry.spec.name);
         let run = async {
             self.ready(entry.owner, &entry.spec.name).await?;
             run_handler(&entry.spec.handler, ctx, params)
@@ -465,9 +596,18 @@ impl RestartScope {
         };
         tokio::select! {
             biased;
-            r = run => r,
-            () = self.request_cancel.cancelled() => Err(RpcError::restarting()),
+            r = tokio::time::timeout(deadline, run) => {
+                r.unwrap_or_else(|_| Err(self.timed_out(entry, deadline)))
+            }
+            () = self.plugins[entry.owner].cancel.cancelled() => Err(self.cancel_error()),
         }
+    }
+
+    fn timed_out(&self, entry: &MethodEntry, deadline: Duration) -> RpcError {
+        let plugin = &self.loader.plugins()[entry.owner].id;
+        let method = &entry.spec.name;
+        warn!(generation = self.generation, plugin = %plugin, method = %method, timeout_ms = deadline.as_millis() as u64, "request timed out");
+        request_timeout(method, Some(plugin), deadline)
     }
 
     fn handler_error(&self, entry: &MethodEntry, e: HandlerFailure) -> RpcError {
@@ -482,68 +622,95 @@ impl RestartScope {
         }
     }
 
-    /// Start every plugin's services in order; a plugin whose service fails
-    /// is marked failed and its methods answer `UNAVAILABLE`.
+    /// Start every plugin's services, one plugin after the other, in load
+    /// order (the first generation).
     pub(crate) async fn start_services(&self) {
-        for (index, (rt, p)) in self.plugins.iter().zip(self.loader.plugins()).enumerate() {
-            if rt.services.is_empty() {
-                continue;
-            }
-            let mut failure = None;
-            for svc in &rt.services {
-                lock(&self.started_services).push((index, svc.clone()));
-                let started = tokio::time::timeout(
-                    self.timings.start_timeout(),
-                    panic::catch_async(svc.clone().start()),
-                )
-                .await;
-                let err = match started {
-                    Ok(Ok(Ok(()))) => continue,
-                    Ok(Ok(Err(e))) => e,
-                    Ok(Err(p)) => format!("start panicked: {p}"),
-                    Err(_) => format!("start timed out after {:?}", self.timings.start_timeout()),
-                };
-                error!(generation = self.generation, plugin = %p.id, service = svc.name(), error = %err, "plugin failed to start");
-                failure = Some(format!("service {}: {err}", svc.name()));
-                break;
-            }
-            rt.set(failure.map_or(PluginPhase::Running, PluginPhase::Failed));
+        for index in 0..self.plugins.len() {
+            self.start_plugin(index).await;
         }
     }
 
-    /// End this generation: admit nothing new, let in-flight requests finish
-    /// until the drain deadline (then cancel them), stop the services in
-    /// reverse start order exactly once, retire handles, sinks and tasks.
-    pub(crate) async fn shutdown(&self, drain: Duration) -> ShutdownReport {
-        let mut report = ShutdownReport::default();
-        self.admission.open.store(false, Ordering::SeqCst);
-        if tokio::time::timeout(drain, self.admission.wait_empty())
+    /// Start plugin `index`'s services in order, each with a timeout; a
+    /// failure marks the plugin failed and its methods answer `UNAVAILABLE`.
+    pub(crate) async fn start_plugin(&self, index: PluginIndex) {
+        let rt = &self.plugins[index];
+        if rt.services.is_empty() {
+            return;
+        }
+        let id = &self.loader.plugins()[index].id;
+        let mut failure = None;
+        for svc in &rt.services {
+            lock(&rt.started).push(svc.clone());
+            let started = tokio::time::timeout(
+                self.timings.start_timeout(),
+                panic::catch_async(svc.clone().start()),
+            )
+            .await;
+            let err = match started {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(p)) => format!("start panicked: {p}"),
+                Err(_) => format!("start timed out after {:?}", self.timings.start_timeout()),
+            };
+            error!(generation = self.generation, plugin = %id, service = svc.name(), error = %err, "plugin failed to start");
+            failure = Some(format!("service {}: {err}", svc.name()));
+            break;
+        }
+        rt.set(failure.map_or(PluginPhase::Running, PluginPhase::Failed));
+    }
+
+    /// Let plugin `index`'s in-flight requests finish until `deadline`, then
+    /// cancel what is left (answered retryable `UNAVAILABLE` with `reason`).
+    /// Call after [`RestartScope::close_admission`].
+    pub(crate) async fn drain_plugin(
+        &self,
+        index: PluginIndex,
+        deadline: Duration,
+        reason: CancelReason,
+    ) -> Drained {
+        let mut drained = Drained {
+            in_flight: self.admission.in_flight(index),
+            cancelled: 0,
+        };
+        if tokio::time::timeout(deadline, self.admission.wait_empty(index))
+            .await
+            .is_ok()
+        {
+            return drained;
+        }
+        drained.cancelled = self.admission.in_flight(index);
+        let id = &self.loader.plugins()[index].id;
+        warn!(
+            generation = self.generation,
+            plugin = %id,
+            in_flight = drained.cancelled,
+            deadline_ms = deadline.as_millis() as u64,
+            "drain timeout; cancelling in-flight requests"
+        );
+        self.cancel_reason.store(reason as u8, Ordering::SeqCst);
+        self.plugins[index].cancel.cancel();
+        if tokio::time::timeout(Duration::from_secs(1), self.admission.wait_empty(index))
             .await
             .is_err()
         {
-            report.drain_timed_out = true;
-            report.cancelled_requests = self.in_flight();
             warn!(
                 generation = self.generation,
-                in_flight = report.cancelled_requests,
-                deadline_ms = drain.as_millis() as u64,
-                "drain timeout; cancelling in-flight requests"
+                plugin = %id,
+                "requests still in flight after cancellation"
             );
-            self.request_cancel.cancel();
-            if tokio::time::timeout(Duration::from_secs(1), self.admission.wait_empty())
-                .await
-                .is_err()
-            {
-                warn!(
-                    generation = self.generation,
-                    "requests still in flight after cancellation"
-                );
-            }
         }
-        if !self.services_stopped.swap(true, Ordering::SeqCst) {
-            let started = std::mem::take(&mut *lock(&self.started_services));
-            for (index, svc) in started.into_iter().rev() {
-                let plugin = &self.loader.plugins()[index].id;
+        drained
+    }
+
+    /// Stop plugin `index`'s services in reverse start order, exactly once,
+    /// each with a timeout; then retire its handles, sinks and tasks.
+    pub(crate) async fn stop_plugin(&self, index: PluginIndex) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        let rt = &self.plugins[index];
+        let id = &self.loader.plugins()[index].id;
+        if !rt.stopped.swap(true, Ordering::SeqCst) {
+            let started = std::mem::take(&mut *lock(&rt.started));
+            for svc in started.into_iter().rev() {
                 let stopped = tokio::time::timeout(
                     self.timings.stop_timeout(),
                     panic::catch_async(svc.clone().stop()),
@@ -555,23 +722,41 @@ impl RestartScope {
                     Ok(Err(p)) => format!("stop panicked: {p}"),
                     Err(_) => format!("stop timed out after {:?}", self.timings.stop_timeout()),
                 };
-                error!(generation = self.generation, plugin = %plugin, service = svc.name(), error = %failure, "plugin service failed to stop");
+                error!(generation = self.generation, plugin = %id, service = svc.name(), error = %failure, "plugin service failed to stop");
                 report
                     .services_failed
-                    .push(format!("{plugin}/{}: {failure}", svc.name()));
+                    .push(format!("{id}/{}: {failure}", svc.name()));
             }
         }
-        for rt in &self.plugins {
-            rt.set(PluginPhase::Stopped);
-        }
-        self.life.retire();
-        report.aborted_tasks = self.life.reap_tasks(Duration::from_millis(250)).await;
+        rt.set(PluginPhase::Stopped);
+        rt.life.retire();
+        report.aborted_tasks = rt.life.reap_tasks(Duration::from_millis(250)).await;
         if report.aborted_tasks > 0 {
             warn!(
                 generation = self.generation,
+                plugin = %id,
                 aborted = report.aborted_tasks,
                 "aborted background tasks that ignored retirement"
             );
+        }
+        report
+    }
+
+    /// End this generation when the gateway stops: admit nothing new, drain
+    /// every plugin's requests concurrently until the deadline (then cancel
+    /// them with `gateway-stopping`), then stop the plugins' services in
+    /// reverse start order exactly once, and retire handles, sinks and tasks.
+    pub(crate) async fn shutdown(&self, drain: Duration) -> ShutdownReport {
+        self.close_admission();
+        let mut report = ShutdownReport::default();
+        let drains =
+            (0..self.plugins.len()).map(|p| self.drain_plugin(p, drain, CancelReason::Stopping));
+        for d in futures::future::join_all(drains).await {
+            report.drain_timed_out |= d.cancelled > 0;
+            report.cancelled_requests += d.cancelled;
+        }
+        for index in (0..self.plugins.len()).rev() {
+            report.add(self.stop_plugin(index).await);
         }
         debug!(generation = self.generation, ?report, "generation stopped");
         report
@@ -580,8 +765,13 @@ impl RestartScope {
 
 impl Drop for RestartScope {
     fn drop(&mut self) {
-        let unstopped = lock(&self.started_services).len();
-        if unstopped > 0 && !self.services_stopped.load(Ordering::SeqCst) {
+        let unstopped: usize = self
+            .plugins
+            .iter()
+            .filter(|rt| !rt.stopped.load(Ordering::SeqCst))
+            .map(|rt| lock(&rt.started).len())
+            .sum();
+        if unstopped > 0 {
             warn!(
                 generation = self.generation,
                 services = unstopped,
@@ -592,8 +782,11 @@ impl Drop for RestartScope {
         // aborted, and its handles and sinks refuse from now on. The registry,
         // the loader cache and the plugin instances go with the fields.
         self.request_cancel.cancel();
-        self.life.retire();
-        let aborted = self.life.abort_tasks();
+        let mut aborted = 0;
+        for rt in &self.plugins {
+            rt.life.retire();
+            aborted += rt.life.abort_tasks();
+        }
         self.live_scopes.fetch_sub(1, Ordering::SeqCst);
         info!(
             generation = self.generation,
@@ -601,6 +794,21 @@ impl Drop for RestartScope {
             "generation released"
         );
     }
+}
+
+/// The answer to a request that outlived its deadline.
+pub(crate) fn request_timeout(method: &str, plugin: Option<&str>, deadline: Duration) -> RpcError {
+    RpcError::unavailable(format!(
+        "{method} did not finish within {} ms",
+        deadline.as_millis()
+    ))
+    .with_details(serde_json::json!({
+        "reason": "request-timeout",
+        "method": method,
+        "plugin": plugin,
+        "timeoutMs": deadline.as_millis() as u64,
+    }))
+    .retryable_after(None)
 }
 
 pub(crate) enum HandlerFailure {
@@ -628,18 +836,25 @@ async fn run_handler(
     }
 }
 
-/// Run a detached handler (outside any admission).
+/// Run a detached handler (outside any admission), within `deadline`.
 pub(crate) async fn run_detached(
     handler: Handler,
+    method: &str,
+    deadline: Duration,
     ctx: RequestContext,
     params: Params,
 ) -> MethodResult {
-    run_handler(&handler, ctx, params)
-        .await
-        .map_err(|e| match e {
+    let run = run_handler(&handler, ctx, params);
+    match tokio::time::timeout(deadline, run).await {
+        Ok(r) => r.map_err(|e| match e {
             HandlerFailure::Error(e) => e,
             HandlerFailure::Panic(p) => RpcError::unavailable(format!("handler panicked: {p}")),
-        })
+        }),
+        Err(_) => {
+            warn!(method = %method, timeout_ms = deadline.as_millis() as u64, "request timed out");
+            Err(request_timeout(method, None, deadline))
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -8,9 +8,11 @@
 use clap::{Parser, ValueEnum};
 use gateway_core::{ConfigError, ConfigOrigin, ConfigSource, GatewayConfig};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// OpenClaw's default gateway port.
@@ -195,7 +197,13 @@ struct FileConfig {
     plugins: gateway_core::PluginsConfig,
     #[serde(default)]
     restart: gateway_core::RestartConfig,
+    #[serde(default)]
+    requests: gateway_core::RequestsConfig,
 }
+
+/// The tables read only at process start. A change to any of their keys on
+/// disk is reported at each restart as pending until the process restarts.
+pub const PROCESS_TABLES: &[&str] = &["server", "auth", "limits", "logging"];
 
 /// Authentication settings after resolution.
 #[derive(Clone, PartialEq, Eq)]
@@ -297,17 +305,23 @@ impl From<ConfigError> for SettingsError {
 
 /// Re-reads the config file (if any) at every load and adds the
 /// `--plugin-dir` directories to `plugins.dirs`. Relative plugin directories
-/// in the file are taken relative to the file's directory.
+/// in the file are taken relative to the file's directory. Remembers the
+/// process-level tables as they were at start, to report changes to them.
 #[derive(Debug, Clone, Default)]
 pub struct FileConfigSource {
     file: Option<PathBuf>,
     extra_dirs: Vec<PathBuf>,
+    at_start: Arc<BTreeMap<String, toml::Value>>,
 }
 
 impl FileConfigSource {
     /// A source reading `file` (if any) plus `extra_dirs`.
     pub fn new(file: Option<PathBuf>, extra_dirs: Vec<PathBuf>) -> Self {
-        FileConfigSource { file, extra_dirs }
+        FileConfigSource {
+            file,
+            extra_dirs,
+            at_start: Arc::default(),
+        }
     }
 
     /// The config file, if one was given.
@@ -323,6 +337,11 @@ impl FileConfigSource {
                 Ok((cfg, Some(origin)))
             }
         }
+    }
+
+    /// Remember the process-level settings of the file as read at start.
+    fn remember_process_settings(&mut self, origin: Option<&ConfigOrigin>) {
+        self.at_start = Arc::new(origin.map(process_settings).unwrap_or_default());
     }
 
     fn gateway_config(
@@ -356,6 +375,7 @@ impl FileConfigSource {
         Ok(GatewayConfig {
             plugins,
             restart: file.restart.clone(),
+            requests: file.requests.clone(),
             origin,
         })
     }
@@ -366,6 +386,64 @@ impl ConfigSource for FileConfigSource {
         let (file, origin) = self.read()?;
         self.gateway_config(&file, origin)
     }
+
+    /// Keys of `[server]`, `[auth]`, `[limits]` and `[logging]` (dotted, any
+    /// depth, added or removed keys included) whose value on disk differs
+    /// from the value at process start. A file that cannot be read or
+    /// parsed now reports nothing here (the restart itself reports it).
+    fn pending_process_settings(&self) -> Vec<String> {
+        let Some(path) = &self.file else {
+            return Vec::new();
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let origin = ConfigOrigin {
+            path: path.clone(),
+            text: text.into(),
+        };
+        let now = process_settings(&origin);
+        if now.is_empty() && origin.text.parse::<toml::Table>().is_err() {
+            return Vec::new();
+        }
+        let before = &*self.at_start;
+        let mut changed: Vec<String> = before
+            .keys()
+            .chain(now.keys())
+            .filter(|k| before.get(*k) != now.get(*k))
+            .cloned()
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        changed
+    }
+}
+
+/// The process-level tables of a config file flattened to dotted keys
+/// (`auth.mode`, `limits.max_in_flight`, ...); arrays are compared whole.
+fn process_settings(origin: &ConfigOrigin) -> BTreeMap<String, toml::Value> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    flatten(&format!("{prefix}.{k}"), v, out);
+                }
+            }
+            v => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let Ok(doc) = origin.text.parse::<toml::Table>() else {
+        return out;
+    };
+    for table in PROCESS_TABLES {
+        if let Some(v) = doc.get(*table) {
+            flatten(table, v, &mut out);
+        }
+    }
+    out
 }
 
 impl Settings {
@@ -373,8 +451,9 @@ impl Settings {
     /// environment), the config file and defaults. Reads or creates the
     /// generated token when token auth has no token.
     pub fn resolve(cli: &Cli) -> Result<Settings, SettingsError> {
-        let source = FileConfigSource::new(cli.config.clone(), cli.plugin_dirs.clone());
+        let mut source = FileConfigSource::new(cli.config.clone(), cli.plugin_dirs.clone());
         let (file, origin) = source.read()?;
+        source.remember_process_settings(origin.as_ref());
         let initial = source.gateway_config(&file, origin)?;
         let bind = cli
             .bind
@@ -568,6 +647,41 @@ mod tests {
         assert_eq!(s.port, DEFAULT_PORT);
         assert_eq!(s.initial.restart, gateway_core::RestartConfig::default());
         assert_eq!(s.auth.max_failures_per_minute, 10);
+        assert_eq!(s.initial.requests, gateway_core::RequestsConfig::default());
+    }
+
+    #[test]
+    fn reports_changed_process_settings_by_name_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("g.toml");
+        let start = "[server]\nport = 0\n[auth]\nmode = \"token\"\ntoken = \"secret-one\"\n[limits]\nmax_in_flight = 4\n[restart]\ndrain_timeout_ms = 100\n";
+        std::fs::write(&path, start).unwrap();
+        let s = Settings::resolve(&cli(Some(path.clone()), tmp.path())).unwrap();
+        assert!(s.source.pending_process_settings().is_empty());
+        // Plugin and restart settings apply at restart: not pending.
+        std::fs::write(&path, start.replace("= 100", "= 200")).unwrap();
+        assert!(s.source.pending_process_settings().is_empty());
+        // A changed value, a changed secret, an added and a removed key.
+        let edited = "[server]\n[auth]\nmode = \"none\"\ntoken = \"secret-two\"\n[limits]\nmax_in_flight = 4\nmax_payload = 70000\n[logging]\nlevel = \"debug\"\n";
+        std::fs::write(&path, edited).unwrap();
+        let pending = s.source.pending_process_settings();
+        assert_eq!(
+            pending,
+            [
+                "auth.mode",
+                "auth.token",
+                "limits.max_payload",
+                "logging.level",
+                "server.port"
+            ]
+        );
+        assert!(!pending.iter().any(|p| p.contains("secret")));
+        // Back as it was: nothing pending.
+        std::fs::write(&path, start).unwrap();
+        assert!(s.source.pending_process_settings().is_empty());
+        // A broken file reports nothing here (the restart reports the error).
+        std::fs::write(&path, "[auth\n").unwrap();
+        assert!(s.source.pending_process_settings().is_empty());
     }
 
     #[test]

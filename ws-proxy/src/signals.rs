@@ -110,7 +110,7 @@ async fn restart_loop(
         let gw = gateway.clone();
         // The outcome is logged by gateway-core; triggers coalesce there.
         tokio::spawn(async move {
-            let _ = gw.restart().await;
+            let _ = gw.restart_with(sig.name()).await;
         });
     }
 }
