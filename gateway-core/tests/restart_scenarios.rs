@@ -107,7 +107,9 @@ async fn scenario_1_fifty_restarts_advertise_exactly_what_dispatches() {
 
 // Scenario 3: a request admitted by generation A completes on A or gets a
 // retryable UNAVAILABLE; nothing runs on A after A's services stopped.
-#[tokio::test]
+// Paused time: exact deadlines, and a handler that kept running after its
+// cancellation would finish during the sleep at the end.
+#[tokio::test(start_paused = true)]
 async fn scenario_3_requests_admitted_by_a_finish_on_a_or_retry() {
     let mut cfg = config_with(&[("probe", json!({}))]);
     cfg.restart.drain_timeout_ms = 400;
@@ -141,8 +143,10 @@ async fn scenario_3_requests_admitted_by_a_finish_on_a_or_retry() {
             }
         }
     }
-    // Past the longest request: a cancelled handler must never finish.
-    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    // The two cancelled handlers were dropped unfinished, and past the
+    // longest request (on the paused clock) neither has finished.
+    assert_eq!(h.probe.abandoned.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
     assert_eq!(h.probe.completed_after_stop.load(Ordering::SeqCst), 0);
     assert_eq!(h.probe.count("done:1"), 3, "{:?}", h.probe.log());
 }

@@ -25,6 +25,8 @@ pub struct Probe {
     pub stops: AtomicUsize,
     pub ticks: AtomicUsize,
     pub completed_after_stop: AtomicUsize,
+    /// Slow handlers whose future was dropped before it finished.
+    pub abandoned: AtomicUsize,
     /// The newest generation's handle, sink and life, to poke after retirement.
     pub last: Mutex<Option<(ScopeHandle<u64>, EventSink, ScopeLife)>>,
 }
@@ -50,6 +52,16 @@ pub struct ProbeConfig {
     pub fail_start: bool,
     pub start_delay_ms: u64,
     pub spawn_task: bool,
+    /// Extra services (`probe-service-1`, ...) after the first.
+    pub extra_services: usize,
+    /// `start` never returns.
+    pub start_hang: bool,
+    /// `start` panics.
+    pub start_panic: bool,
+    /// `stop` never returns.
+    pub stop_hang: bool,
+    /// `stop` panics.
+    pub stop_panic: bool,
 }
 
 struct ProbePlugin {
@@ -68,14 +80,26 @@ impl Drop for ProbePlugin {
 
 struct ProbeService {
     id: String,
+    name: String,
     probe: Arc<Probe>,
     cfg: ProbeConfig,
     life: ScopeLife,
 }
 
+impl ProbeService {
+    /// `probe` for the first service, `probe/probe-service-N` for extras.
+    fn tag(&self) -> String {
+        if self.name == "probe-service" {
+            self.id.clone()
+        } else {
+            format!("{}/{}", self.id, self.name)
+        }
+    }
+}
+
 impl Service for ProbeService {
     fn name(&self) -> &str {
-        "probe-service"
+        &self.name
     }
     fn start(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
         Box::pin(async move {
@@ -83,8 +107,15 @@ impl Service for ProbeService {
             if self.cfg.start_delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(self.cfg.start_delay_ms)).await;
             }
+            if self.cfg.start_hang {
+                std::future::pending::<()>().await;
+            }
+            if self.cfg.start_panic {
+                panic!("start panicked on purpose");
+            }
             self.probe.starts.fetch_add(1, Ordering::SeqCst);
-            self.probe.record(format!("start:{}:{generation}", self.id));
+            self.probe
+                .record(format!("start:{}:{generation}", self.tag()));
             if self.cfg.fail_start {
                 return Err("refusing to start".into());
             }
@@ -106,7 +137,13 @@ impl Service for ProbeService {
         Box::pin(async move {
             self.probe.stops.fetch_add(1, Ordering::SeqCst);
             self.probe
-                .record(format!("stop:{}:{}", self.id, self.life.generation()));
+                .record(format!("stop:{}:{}", self.tag(), self.life.generation()));
+            if self.cfg.stop_hang {
+                std::future::pending::<()>().await;
+            }
+            if self.cfg.stop_panic {
+                panic!("stop panicked on purpose");
+            }
         })
     }
 }
@@ -151,12 +188,22 @@ impl Plugin for ProbePlugin {
             .scope(scope::READ)
             .sync(|_, _| panic!("probe handler panicked"));
         r.event(format!("plugin.{}.tick", self.id));
-        r.service(Arc::new(ProbeService {
-            id: self.id.clone(),
-            probe: self.probe.clone(),
-            cfg: self.cfg.clone(),
-            life: self.life.clone(),
-        }));
+        let names = std::iter::once("probe-service".to_string())
+            .chain((1..=self.cfg.extra_services).map(|i| format!("probe-service-{i}")));
+        for name in names {
+            r.service(Arc::new(ProbeService {
+                id: self.id.clone(),
+                name,
+                probe: self.probe.clone(),
+                cfg: self.cfg.clone(),
+                life: self.life.clone(),
+            }));
+        }
+        let probe = self.probe.clone();
+        let id = self.id.clone();
+        r.on_connection_closed(move |conn: ConnId| {
+            probe.record(format!("closed:{id}:{generation}:{}", conn.0));
+        });
     }
 }
 
@@ -166,7 +213,18 @@ async fn slow(probe: Arc<Probe>, life: ScopeLife, params: Params) -> MethodResul
         .get("ms")
         .and_then(Value::as_u64)
         .unwrap_or(100);
+    /// Counts the handler as abandoned unless it finished.
+    struct Unfinished(Option<Arc<Probe>>);
+    impl Drop for Unfinished {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                p.abandoned.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut unfinished = Unfinished(Some(probe.clone()));
     tokio::time::sleep(Duration::from_millis(ms)).await;
+    unfinished.0 = None;
     let generation = life.generation();
     // Stops are recorded after services stop: a request that completes after
     // its generation's stop is a violation.
