@@ -28,6 +28,52 @@ async fn liveness_and_readiness() {
     }
 }
 
+// A plugin whose service fails to start makes the process not ready (503,
+// naming the plugin) while it stays live; a restart that fixes it makes it
+// ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_while_a_plugin_failed_to_start() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    // bncr's store cannot open: its database path is a directory.
+    let db = dir.path().join("state").join("bncr").join("bncr.sqlite3");
+    std::fs::create_dir_all(&db).unwrap();
+    let p = Proc::start_in(dir, &[]).await;
+    for path in ["/readyz", "/ready"] {
+        let (code, _, body) = http(p.addr, "GET", path).await;
+        assert_eq!(code, 503, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert_eq!(v["status"], "not-ready", "{v}");
+        assert_eq!(v["failedPlugins"][0]["id"], "bncr", "{v}");
+        assert!(
+            v["failedPlugins"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("store"),
+            "{v}"
+        );
+        let (code, _, _) = http(p.addr, "HEAD", path).await;
+        assert_eq!(code, 503, "HEAD {path}");
+    }
+    let (code, _, _) = http(p.addr, "GET", "/healthz").await;
+    assert_eq!(code, 200, "still live");
+    // Its methods answer UNAVAILABLE plugin-failed; the rest serves.
+    let (mut c, _) = Client::admin(&p.url()).await;
+    let r = c.call("bncr.diagnostics", json!({})).await;
+    assert_eq!(r["error"]["details"]["reason"], "plugin-failed", "{r}");
+    assert_eq!(c.call("health", json!({})).await["payload"]["ok"], false);
+    // Fixed on disk and restarted: ready again.
+    std::fs::remove_dir(&db).unwrap();
+    p.signal(Signal::SIGUSR1);
+    c.event("gateway.generation").await;
+    eventually(WAIT, "ready after the fix", || async {
+        let (code, _, _) = http(p.addr, "GET", "/readyz").await;
+        (code == 200).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn other_methods_405_and_unknown_paths_404() {
     let s = Server::start(&[]).await;

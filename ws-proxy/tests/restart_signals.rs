@@ -215,6 +215,7 @@ async fn broken_config_keeps_the_old_generation() {
     let status = c.call("status", json!({})).await;
     let last = &status["payload"]["lastRestart"];
     assert_eq!(last["ok"], false, "{status}");
+    assert_eq!(last["trigger"], "SIGUSR1", "{status}");
     let err = last["error"].as_str().unwrap();
     assert!(err.contains("gateway.toml"), "{err}");
     assert!(err.contains("drain_timeout"), "{err}");
