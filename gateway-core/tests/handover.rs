@@ -27,8 +27,8 @@ async fn pair(cfg: GatewayConfig) -> (Harness, Arc<Probe>) {
 
 fn entry(config: Value) -> PluginEntry {
     PluginEntry {
-        enabled: None,
         config: Some(config),
+        ..PluginEntry::default()
     }
 }
 
@@ -151,7 +151,7 @@ async fn added_plugins_start_at_once_and_removed_plugins_drain_and_stop() {
         "second".into(),
         PluginEntry {
             enabled: Some(false),
-            config: None,
+            ..PluginEntry::default()
         },
     );
     let (h, second) = pair(cfg.clone()).await;
