@@ -48,7 +48,7 @@ const CLOSE_CODES: &[&str] = &[
 /// `reason` labels of `gateway_requests_cancelled_total`.
 const CANCEL_REASONS: &[&str] = &["restart", "stopping"];
 /// `kind` labels of `gateway_requests_timed_out_total`.
-const TIMEOUT_KINDS: &[&str] = &["plugin_start", "agent"];
+const TIMEOUT_KINDS: &[&str] = &["plugin_start", "agent", "request"];
 /// Plugin states, as `status` names them.
 const PLUGIN_STATES: &[&str] = &["starting", "running", "respawning", "failed", "stopped"];
 
@@ -132,7 +132,10 @@ impl OpsMetrics {
             .and_then(Value::as_str);
         match reason {
             Some("gateway-restarting") => bump(&self.cancelled, CANCEL_REASONS, "restart"),
-            Some("gateway-closing") => bump(&self.cancelled, CANCEL_REASONS, "stopping"),
+            Some("gateway-closing" | "gateway-stopping") => {
+                bump(&self.cancelled, CANCEL_REASONS, "stopping")
+            }
+            Some("request-timeout") => bump(&self.timed_out, TIMEOUT_KINDS, "request"),
             Some("plugin-starting") => bump(&self.timed_out, TIMEOUT_KINDS, "plugin_start"),
             _ => {}
         }
@@ -195,7 +198,7 @@ impl OpsMetrics {
         family(
             out,
             "gateway_requests_timed_out_total",
-            "Requests that timed out: waiting for a plugin to start (plugin_start) or AGENT_TIMEOUT answers (agent).",
+            "Requests that timed out: waiting for a plugin to start (plugin_start), AGENT_TIMEOUT answers (agent), or the per-request deadline (request).",
             "counter",
         );
         rows(
@@ -228,7 +231,7 @@ impl OpsMetrics {
         family(
             out,
             "gateway_restart_phase_seconds",
-            "Time successful restarts spent in each phase: build the new generation, drain and stop the old, start the new.",
+            "Time successful restarts spent in each phase: build (trigger to swap; the new generation serves from its end), handover (swap until every plugin handed over), stop_old and start_new (the slowest plugin's drain-and-stop and start).",
             "summary",
         );
         let p = stats.restart_phases_sum;
@@ -236,6 +239,7 @@ impl OpsMetrics {
             ("build", p.build),
             ("stop_old", p.stop_old),
             ("start_new", p.start_new),
+            ("handover", p.handover),
         ] {
             let _ = writeln!(
                 out,

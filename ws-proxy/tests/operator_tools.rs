@@ -510,7 +510,7 @@ async fn metrics_count_drain_timeouts_cancelled_requests_and_restart_phases() {
         m("gateway_requests_cancelled_total{reason=\"stopping\"}"),
         0.0
     );
-    for phase in ["build", "stop_old", "start_new"] {
+    for phase in ["build", "stop_old", "start_new", "handover"] {
         let count = format!("gateway_restart_phase_seconds_count{{phase=\"{phase}\"}}");
         assert_eq!(m(&count), 1.0);
     }

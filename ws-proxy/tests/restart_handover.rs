@@ -150,6 +150,13 @@ async fn hung_handlers_are_answered_at_the_deadline_and_free_their_slots() {
         assert_eq!(d["timeoutMs"], DEADLINE_MS, "{r}");
         assert!(after < Duration::from_millis(DEADLINE_MS * 4), "{after:?}");
     }
+    // The deadline trips are counted.
+    let (_, _, body) = http(p.addr, "GET", "/metrics").await;
+    assert_eq!(
+        metric(&body, "gateway_requests_timed_out_total{kind=\"request\"}"),
+        Some(MAX as f64),
+        "{body}"
+    );
     // Every slot is free again: N requests at once on the same connection
     // all succeed (none is refused as busy).
     let quick: Vec<String> = (0..MAX).map(|_| c.fresh_id()).collect();
