@@ -82,21 +82,11 @@ const DICTIONARY: &[&str] = &[
     "bncr",
 ];
 
-const METHODS: &[&str] = &[
-    "bncr.connect",
-    "bncr.inbound",
-    "bncr.activity",
-    "bncr.ack",
-    "bncr.diagnostics",
-    "bncr.file.init",
-    "bncr.file.chunk",
-    "bncr.file.complete",
-    "bncr.file.abort",
-    "bncr.file.ack",
-    "bncr.deadLetter.inspect",
-    "bncr.deadLetter.prune",
-    "send",
-];
+/// Every method the plugin declares, and the core `send` that reaches its
+/// channel.
+fn methods() -> impl Iterator<Item = &'static str> {
+    bncr_plugin::METHODS.iter().copied().chain(["send"])
+}
 
 pub(super) fn target() -> Target {
     Target {
@@ -161,7 +151,8 @@ fn seeds() -> Vec<Vec<u8>> {
 }
 
 fn generate(rng: &mut StdRng) -> Vec<u8> {
-    let method = METHODS[rng.random_range(0..METHODS.len())];
+    let all: Vec<&str> = methods().collect();
+    let method = all[rng.random_range(0..all.len())];
     let mut params = Map::new();
     for _ in 0..rng.random_range(0..7) {
         let key = DICTIONARY[rng.random_range(0..DICTIONARY.len())];
@@ -275,7 +266,7 @@ impl Harness for BncrHarness {
                     e.message.len(),
                     input.len()
                 );
-                let known = METHODS.iter().find(|m| **m == method).copied();
+                let known = methods().find(|m| *m == method);
                 signature((known, e.code.as_str(), message_class(&e.message)))
             }
         }
