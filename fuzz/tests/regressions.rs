@@ -29,6 +29,7 @@ fn regression_inputs_exist_for_the_bugs_found() {
         ("connect", "auth-as-array"),
         ("connect", "role-as-enum-object"),
         ("frame", "deep-unknown-field-with-id"),
+        ("manifest", "method-as-array"),
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("regressions")

@@ -4,7 +4,6 @@
 //! straight into a `String` without building an intermediate tree.
 
 use plugin_api::{ClientInfo, MethodResult, Role, RpcError};
-use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -186,19 +185,19 @@ pub struct ConnectParams {
 struct ConnectParamsObject {
     min_protocol: u32,
     max_protocol: u32,
-    #[serde(deserialize_with = "object_only")]
+    #[serde(deserialize_with = "crate::strict::object_only")]
     client: ClientInfo,
     #[serde(default, deserialize_with = "optional_role")]
     role: Option<Role>,
     #[serde(default)]
     scopes: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "optional_object_only")]
+    #[serde(default, deserialize_with = "crate::strict::optional_object_only")]
     auth: Option<ConnectAuth>,
 }
 
 impl<'de> Deserialize<'de> for ConnectParams {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let p: ConnectParamsObject = object_only(d)?;
+        let p: ConnectParamsObject = crate::strict::object_only(d)?;
         Ok(ConnectParams {
             min_protocol: p.min_protocol,
             max_protocol: p.max_protocol,
@@ -208,52 +207,6 @@ impl<'de> Deserialize<'de> for ConnectParams {
             auth: p.auth,
         })
     }
-}
-
-/// Deserialize a struct only from a JSON object. serde's derived structs
-/// also accept an array of their fields in order, which the protocol does
-/// not allow (`"auth": ["secret"]` must not pass as a token).
-fn object_only<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-        }
-    }
-    d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
-}
-
-/// [`object_only`] for an optional field (`null` is none).
-fn optional_object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct OptionVisitor<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for OptionVisitor<T> {
-        type Value = Option<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object or null")
-        }
-        fn visit_none<E>(self) -> Result<Option<T>, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Option<T>, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Option<T>, D2::Error> {
-            object_only(d).map(Some)
-        }
-    }
-    d.deserialize_option(OptionVisitor(std::marker::PhantomData))
 }
 
 /// The role, only as the string `operator` or `node` (serde would also take

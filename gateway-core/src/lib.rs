@@ -22,6 +22,7 @@ mod panic;
 mod registry;
 mod runtime;
 mod scope;
+mod strict;
 pub mod testing;
 
 pub use config::{

@@ -69,13 +69,13 @@ pub struct Manifest {
     #[serde(default)]
     pub config_schema: Option<Value>,
     /// Methods served by built-in implementations or by configuration.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::objects")]
     pub methods: Vec<ManifestMethod>,
     /// Events the plugin declares.
     #[serde(default)]
     pub events: Vec<String>,
     /// A command plugin: the process that speaks the plugin protocol.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::optional_object_only")]
     pub runtime: Option<ManifestRuntime>,
 }
 
@@ -541,14 +541,15 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
     };
     // Straight from bytes to `Manifest`: no intermediate JSON tree.
     let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let manifest: Manifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let inner = e.inner();
-        if inner.is_syntax() || inner.is_eof() {
-            bad(format!("invalid JSON: {inner}"))
-        } else {
-            bad(format!("field `{}`: {inner}", e.path()))
-        }
-    })?;
+    let crate::strict::Object(manifest): crate::strict::Object<Manifest> =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                bad(format!("invalid JSON: {inner}"))
+            } else {
+                bad(format!("field `{}`: {inner}", e.path()))
+            }
+        })?;
     de.end().map_err(|e| bad(format!("invalid JSON: {e}")))?;
     if manifest.id.is_empty() || manifest.id.contains(char::is_whitespace) {
         return Err(bad(format!("invalid plugin id {:?}", manifest.id)));
@@ -790,6 +791,20 @@ mod tests {
         assert!(m.methods[0].advertise);
         assert_eq!(m.methods[1].handler, ManifestHandler::Echo);
         assert!(!m.methods[1].advertise);
+    }
+
+    #[test]
+    fn manifest_parts_are_objects_not_arrays() {
+        let parse =
+            |text: &str| serde_json::from_str::<crate::strict::Object<Manifest>>(text).map(|o| o.0);
+        assert!(parse(r#"{"id":"d","methods":[{"name":"d.a"}],"runtime":null}"#).is_ok());
+        for bad in [
+            r#"{"id":"d","methods":[["d.a"]]}"#,
+            r#"["d"]"#,
+            r#"{"id":"d","runtime":[["node","x.js"]]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
