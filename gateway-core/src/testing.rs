@@ -106,9 +106,21 @@ impl EventTransport for TestTransport {
     }
 
     fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize {
+        self.broadcast_except(required_scope, &[], event)
+    }
+
+    fn broadcast_except(
+        &self,
+        required_scope: &str,
+        except: &[ConnId],
+        event: &OutboundEvent,
+    ) -> usize {
         let mut reached = 0;
         for c in lock(&self.conns).values_mut() {
-            if c.info.role == Role::Operator && c.info.scopes.allows(required_scope) {
+            if c.info.role == Role::Operator
+                && c.info.scopes.allows(required_scope)
+                && !except.contains(&c.info.conn_id)
+            {
                 self.deliver(c, event);
                 reached += 1;
             }
@@ -232,6 +244,8 @@ impl TestHost {
                 events: Vec::new(),
             },
         );
+        // As the real host: the connection joins the table, then plugins hear of it.
+        self.gateway.connection_opened(&info);
         TestClient { host: self, info }
     }
 
@@ -348,6 +362,7 @@ mod tests {
     /// Counts calls per generation and broadcasts each one.
     struct Counter {
         calls: Arc<AtomicU64>,
+        opened: Arc<AtomicU64>,
         events: plugin_api::EventSink,
     }
 
@@ -371,6 +386,24 @@ mod tests {
                     Ok(json!({ "n": n, "reached": reached }))
                 }
             });
+            r.method("counter.others").scope(scope::WRITE).sync({
+                let events = self.events.clone();
+                move |ctx, _params| {
+                    let except = [ctx.conn_id()];
+                    let reached = events
+                        .broadcast_except(scope::READ, &except, "plugin.counter.counted", &0)
+                        .unwrap_or(0);
+                    Ok(json!({ "reached": reached }))
+                }
+            });
+            let opened = self.opened.clone();
+            r.on_connection_opened(move |_| {
+                opened.fetch_add(1, Ordering::Relaxed);
+            });
+            let opened = self.opened.clone();
+            r.method("counter.opened")
+                .scope(scope::READ)
+                .sync(move |_, _| Ok(json!(opened.load(Ordering::Relaxed))));
         }
     }
 
@@ -378,6 +411,7 @@ mod tests {
         PluginFactory::new("counter", "1", |ctx: PluginContext| {
             Ok(Arc::new(Counter {
                 calls: Arc::new(AtomicU64::new(0)),
+                opened: Arc::new(AtomicU64::new(0)),
                 events: ctx.events.clone(),
             }))
         })
@@ -403,6 +437,11 @@ mod tests {
         assert_eq!(first, json!({"n": 1, "reached": 2}));
         assert_eq!(reader.events_named("plugin.counter.counted").len(), 1);
         assert!(node.events().is_empty());
+        // Everyone entitled but the caller; and the plugin heard of all three opens.
+        let others = writer.call("counter.others", json!({})).await.unwrap();
+        assert_eq!(others, json!({"reached": 1}));
+        assert_eq!(reader.events_named("plugin.counter.counted").len(), 2);
+        assert_eq!(writer.call("counter.opened", json!({})).await.unwrap(), 3);
 
         reader.disconnect();
         let second = writer.call("counter.next", json!({})).await.unwrap();
@@ -416,7 +455,7 @@ mod tests {
         let got = writer
             .wait_for_events("plugin.counter.counted", 3, Duration::from_secs(1))
             .await;
-        assert_eq!(got.len(), 3);
+        assert_eq!(got.len(), 3, "the caller of counter.others got none");
         host.shutdown().await;
         let _ = std::fs::remove_dir_all(dir);
     }
