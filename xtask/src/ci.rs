@@ -34,6 +34,8 @@ enum Step {
     Dashboard,
     /// Bounded fuzzing of the parsers (`cargo xtask fuzz`).
     Fuzz,
+    /// Hostile clients against the debug ws-proxy binary (`cargo xtask hostile`).
+    Hostile,
 }
 
 /// The steps in order, with their names.
@@ -71,6 +73,7 @@ const STEPS: &[(&str, Step)] = &[
     ),
     ("fuzz", Step::Fuzz),
     ("soak", Step::Soak),
+    ("hostile", Step::Hostile),
     ("openclaw cli", Step::OpenclawCli),
     ("dashboard", Step::Dashboard),
 ];
@@ -131,6 +134,12 @@ fn run_step(step: &Step) -> Result<()> {
                 bail!(
                     "fuzzing found a contract violation (input saved under target/fuzz/failures)"
                 );
+            }
+            Ok(())
+        }
+        Step::Hostile => {
+            if !crate::hostile::run(false)? {
+                bail!("a hostile-client case failed");
             }
             Ok(())
         }

@@ -9,6 +9,8 @@ mod client;
 mod compare;
 mod dashboard;
 mod echo;
+mod hostile;
+mod idle_conns;
 mod load;
 mod node;
 mod openclaw_cli;
@@ -64,6 +66,20 @@ enum Command {
     /// Fuzz the parsers for a bounded time (frame, connect params, bncr
     /// params, gateway and ws-proxy config, manifests); see the `fuzz` crate.
     Fuzz(FuzzArgs),
+    /// Hostile clients against the binary (loopback): one bounded case per
+    /// limit; a pass/fail table, non-zero exit on any failure.
+    Hostile {
+        /// Build and run the release binary.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Open N authenticated idle connections to the release binary and
+    /// report its RSS per connection.
+    IdleConns {
+        /// Connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+    },
     /// The real OpenClaw CLI (`openclaw gateway call`) against ws-proxy.
     OpenclawCli {
         /// Build and run the release binary.
@@ -365,6 +381,8 @@ fn run(command: Command) -> Result<ExitCode> {
             args.target.as_deref(),
             args.seed,
         )?)),
+        Command::Hostile { release } => Ok(exit_code(hostile::run(release)?)),
+        Command::IdleConns { conns } => Ok(exit_code(idle_conns::run(conns)?)),
         Command::OpenclawCli { release } => match openclaw_cli::run(release)? {
             openclaw_cli::Outcome::Passed => {
                 println!("openclaw-cli: every call behaved");
