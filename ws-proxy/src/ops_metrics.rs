@@ -390,6 +390,44 @@ fn render_bncr(out: &mut String, gateway: &Gateway) {
         family(out, name, help, "gauge");
         let _ = writeln!(out, "{name} {v}");
     }
+    let inbound = d["inboundPending"].as_u64().unwrap_or(0);
+    family(
+        out,
+        "gateway_bncr_inbound_pending",
+        "Accepted inbound Bncr messages no operator has received yet.",
+        "gauge",
+    );
+    let _ = writeln!(out, "gateway_bncr_inbound_pending {inbound}");
+    // Counted by the bridge of the serving generation (they restart from 0
+    // at a restart, which Prometheus counters tolerate).
+    let c = &d["counters"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    family(
+        out,
+        "gateway_bncr_limit_trips_total",
+        "Bncr requests refused, or state dropped, by a bridge limit.",
+        "counter",
+    );
+    for (limit, v) in [
+        ("maxAccounts", n("accountsRefused")),
+        ("leaseTtlMs", n("leasesPruned")),
+        ("maxTransfers", n("transfersRefused")),
+        ("transferTtlMs", n("transfersExpired")),
+        ("fileChunking", n("chunkingRefused")),
+    ] {
+        let _ = writeln!(
+            out,
+            "gateway_bncr_limit_trips_total{{limit=\"{limit}\"}} {v}"
+        );
+    }
+    family(
+        out,
+        "gateway_bncr_store_failures_total",
+        "Bncr store operations that failed.",
+        "counter",
+    );
+    let failures = d["store"]["failures"].as_u64().unwrap_or(0);
+    let _ = writeln!(out, "gateway_bncr_store_failures_total {failures}");
 }
 
 /// Answer `method` now if it answers without waiting (sync handlers);

@@ -1018,3 +1018,39 @@ fn the_example_config_documents_every_bncr_key() {
         );
     }
 }
+
+/// Bridge limits that trip show on `/metrics`, by limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tripped_bridge_limits_are_counted_in_metrics() {
+    let p = gateway("maxTransfers = 1\n").await;
+    let (mut b, _) = Bncr::join(&p.url(), None).await;
+    let init = |id: &str, size: u64, chunk: u64| json!({"transferId": id, "fileSize": size, "chunkSize": chunk});
+    assert_eq!(
+        b.c.call("bncr.file.init", init("t1", 4, 4)).await["ok"],
+        true
+    );
+    for id in ["t2", "t3"] {
+        let res = b.c.call("bncr.file.init", init(id, 4, 4)).await;
+        assert_eq!(res["error"]["details"]["code"], "transfer-limit", "{res}");
+    }
+    let res = b.c.call("bncr.file.init", init("amp", 52428800, 1)).await;
+    assert_eq!(res["error"]["details"]["code"], "chunk-too-small", "{res}");
+    b.inbound("42", "m-1", "nobody listens").await;
+    let (status, _, body) = http(p.addr, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    for (key, want) in [
+        (
+            "gateway_bncr_limit_trips_total{limit=\"maxTransfers\"}",
+            2.0,
+        ),
+        (
+            "gateway_bncr_limit_trips_total{limit=\"fileChunking\"}",
+            1.0,
+        ),
+        ("gateway_bncr_limit_trips_total{limit=\"maxAccounts\"}", 0.0),
+        ("gateway_bncr_inbound_pending", 1.0),
+        ("gateway_bncr_store_failures_total", 0.0),
+    ] {
+        assert_eq!(metric(&body, key), Some(want), "{key}");
+    }
+}
