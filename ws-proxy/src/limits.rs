@@ -367,7 +367,7 @@ impl Drop for Permit {
 }
 
 /// The answer to a refused connection, written without waiting.
-pub(crate) const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\ncontent-length: 54\r\n\r\n{\"ok\":false,\"status\":\"busy\",\"reason\":\"too many connections\"}";
+pub(crate) const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\ncontent-length: 60\r\n\r\n{\"ok\":false,\"status\":\"busy\",\"reason\":\"too many connections\"}";
 
 /// Whether an accept error means the process (or system) ran out of file
 /// descriptors.
@@ -784,6 +784,21 @@ mod tests {
         ));
         assert_eq!(normalize_origin("ftp://x"), None);
         assert_eq!(normalize_origin("http://a/b"), None);
+    }
+
+    #[test]
+    fn the_refusal_is_a_well_formed_503() {
+        let text = std::str::from_utf8(REFUSED_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(body).unwrap()["status"],
+            "busy"
+        );
     }
 
     #[test]

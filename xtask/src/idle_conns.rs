@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::soak::Gateway;
 
 /// Handshakes in flight at once (below the gateway's pending cap).
-const CONCURRENCY: usize = 256;
+const CONCURRENCY: usize = 128;
 /// The goal per idle authenticated connection.
 const GOAL_KIB: f64 = 32.0;
 
