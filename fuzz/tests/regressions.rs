@@ -30,6 +30,8 @@ fn regression_inputs_exist_for_the_bugs_found() {
         ("connect", "role-as-enum-object"),
         ("frame", "deep-unknown-field-with-id"),
         ("manifest", "method-as-array"),
+        ("frame", "request-as-array"),
+        ("frame", "array-with-id-like-field"),
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("regressions")

@@ -55,6 +55,17 @@ impl FrameError {
 
 /// Parse one text frame as a request.
 pub fn parse_request(text: &str) -> Result<RequestFrame<'_>, FrameError> {
+    // serde reads a struct from an array of its fields too; a frame is an
+    // object (`["req","1","health"]` is not a request; found by fuzzing).
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(diagnose(
+            text,
+            serde::de::Error::custom("frame must be a JSON object"),
+        ));
+    }
     match serde_json::from_str::<WireRequest<'_>>(text) {
         Ok(w) if w.kind == "req" && !w.id.is_empty() && !w.method.is_empty() => Ok(RequestFrame {
             id: w.id,
@@ -266,6 +277,8 @@ mod tests {
         let cases: &[(&str, Option<&str>, &str)] = &[
             ("not json", None, "malformed JSON"),
             ("[1,2]", None, "must be a JSON object"),
+            (r#"["req","1","health"]"#, None, "must be a JSON object"),
+            (r#" ["x","event","m"]"#, None, "must be a JSON object"),
             (
                 r#"{"type":"res","id":"7","method":"m"}"#,
                 Some("7"),

@@ -157,6 +157,12 @@ impl Harness for ConnectHarness {
         let object = value.as_ref().and_then(Value::as_object);
         match serde_json::from_slice::<ConnectParams>(input) {
             Ok(p) => {
+                if let Some(v) = &value {
+                    assert!(
+                        v.is_object(),
+                        "connect params that are not an object parsed: {v}"
+                    );
+                }
                 if let Some(o) = object.filter(|_| !has_duplicate_keys(input)) {
                     assert!(well_typed(o), "accepted ill-typed connect params");
                 }

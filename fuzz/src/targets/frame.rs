@@ -118,6 +118,12 @@ impl Harness for FrameHarness {
                     !f.method.is_empty(),
                     "parsed a request with an empty method"
                 );
+                if let Some(v) = &value {
+                    assert!(
+                        v.is_object(),
+                        "a frame that is not an object was parsed: {v}"
+                    );
+                }
                 if let Some(o) = object {
                     assert_eq!(
                         o.get("type"),
