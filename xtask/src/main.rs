@@ -14,6 +14,7 @@ mod idle_conns;
 mod load;
 mod node;
 mod openclaw_cli;
+mod pipeline;
 mod plugin_bench;
 mod process;
 mod restart_latency;

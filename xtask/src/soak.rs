@@ -3,7 +3,10 @@
 //! checks the restart contract from the outside (`docs/restart.md`):
 //! every request answered exactly once, no connection closed, advertised
 //! methods dispatch after each restart, live scopes settle at 1, the
-//! generation advances, and SIGTERM ends the process cleanly.
+//! generation advances, and SIGTERM ends the process cleanly. Alongside,
+//! a few connections pipeline bursts of 200 requests (inline `health` and
+//! an async manifest method that is in flight across swaps) and check the
+//! order of what they receive ([`crate::pipeline`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Credentials, Frame, Session};
 use crate::load::{self, LoadConfig, LoadReport};
+use crate::pipeline;
 
 /// Restarts fired back to back in one burst.
 const BURST_SIZE: usize = 10;
@@ -36,6 +40,8 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the child may take to exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections pipelining bursts next to the load.
+const PIPELINE_CONNS: usize = 4;
 /// Methods never called by the probe: they restart or have side effects.
 const SKIPPED_METHODS: &[&str] = &["gateway.restart", "send"];
 /// Name segments that mark a method as having side effects.
@@ -91,6 +97,7 @@ pub(crate) fn run(config: &SoakConfig) -> Result<bool> {
 struct Summary {
     requests: u64,
     rps: f64,
+    pipelined: pipeline::PipelineReport,
     signals: u64,
     generation_start: f64,
     generation_end: f64,
@@ -116,6 +123,15 @@ impl Summary {
             self.rss_end_kib,
             self.violations.len()
         );
+        println!(
+            "soak: pipelined {} requests in {} bursts of {} ({} async, {} retryable), {} gateway.generation events on those connections",
+            self.pipelined.answered,
+            self.pipelined.bursts,
+            pipeline::BURST,
+            self.pipelined.async_answered,
+            self.pipelined.retryable,
+            self.pipelined.generation_events
+        );
         for violation in &self.violations {
             println!("  violation: {violation}");
         }
@@ -126,7 +142,10 @@ impl Summary {
 }
 
 async fn soak(binary: &Path, config: &SoakConfig) -> Result<Summary> {
-    let mut gateway = Gateway::start(binary).await?;
+    let plugins = tempfile::tempdir().context("create plugin dir")?;
+    let plugin_dir = pipeline::write_plugin(plugins.path())?;
+    let mut gateway =
+        Gateway::start_with(binary, &["--plugin-dir".into(), plugin_dir.into()]).await?;
     let result = soak_running(&mut gateway, config).await;
     let mut summary = match result {
         Ok(summary) => summary,
@@ -159,7 +178,7 @@ async fn soak_running(gateway: &mut Gateway, config: &SoakConfig) -> Result<Summ
         inflight: config.inflight,
         duration: config.duration,
     };
-    let (report, signals, probes) = tokio::join!(
+    let (report, signals, probes, pipelined) = tokio::join!(
         load::run(&load_config),
         fire_restarts(gateway.pid, config.restart_every, config.duration),
         probe_generations(
@@ -168,8 +187,23 @@ async fn soak_running(gateway: &mut Gateway, config: &SoakConfig) -> Result<Summ
             config.duration,
             config.restart_every
         ),
+        pipeline::run(
+            &load_config.url,
+            &load_config.creds,
+            PIPELINE_CONNS,
+            config.duration
+        ),
     );
     let report = report?;
+    summary
+        .violations
+        .extend(pipelined.violations.iter().cloned());
+    summary.pipelined = pipelined;
+    if summary.pipelined.async_answered == 0 {
+        summary
+            .violations
+            .push("no async request was pipelined".into());
+    }
     summary.signals = signals?;
     summary.requests = report.answered();
     summary.rps = report.rps();
@@ -343,13 +377,9 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    /// Starts ws-proxy on a free loopback port and waits for `/readyz`.
-    async fn start(binary: &Path) -> Result<Self> {
-        Self::start_with(binary, &[]).await
-    }
-
-    /// Like [`Gateway::start`], passing `extra_args` (e.g. `--plugin-dir`)
-    /// after the port, auth and state-dir flags.
+    /// Starts ws-proxy on a free loopback port and waits for `/readyz`,
+    /// passing `extra_args` (e.g. `--plugin-dir`) after the port, auth and
+    /// state-dir flags.
     pub(crate) async fn start_with(binary: &Path, extra_args: &[OsString]) -> Result<Self> {
         let dir = tempfile::tempdir().context("create temp dir")?;
         let state_dir = dir.path().join("state");
