@@ -144,8 +144,19 @@ impl Summary {
 async fn soak(binary: &Path, config: &SoakConfig) -> Result<Summary> {
     let plugins = tempfile::tempdir().context("create plugin dir")?;
     let plugin_dir = pipeline::write_plugin(plugins.path())?;
-    let mut gateway =
-        Gateway::start_with(binary, &["--plugin-dir".into(), plugin_dir.into()]).await?;
+    // Every soak client connects from 127.0.0.1 at once (the load's
+    // connections, the pipelining ones, the probe): room for all of them
+    // in the per-peer handshake cap, which the soak does not test.
+    let file = plugins.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n[limits]\nmax_pending_per_peer = {}\n",
+            plugin_dir.display().to_string(),
+            config.conns + PIPELINE_CONNS + 64,
+        ),
+    )?;
+    let mut gateway = Gateway::start_with(binary, &["--config".into(), file.into()]).await?;
     let result = soak_running(&mut gateway, config).await;
     let mut summary = match result {
         Ok(summary) => summary,
