@@ -44,6 +44,6 @@ pub use loader::{
 pub use plugin_host::{ProcessState, ProcessStatus};
 pub use registry::{
     ADMIN_PREFIXES, CORE_METHODS, ChannelEntry, HANDSHAKE_METHODS, MethodEntry, PluginIndex,
-    Registry, RegistryBuilder, RegistryError,
+    READ_EXCEPTIONS, Registry, RegistryBuilder, RegistryError,
 };
 pub use scope::{Admitted, PluginPhase, RestartScope, ShutdownReport};

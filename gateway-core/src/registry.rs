@@ -22,6 +22,11 @@ pub const HANDSHAKE_METHODS: &[&str] = &["connect"];
 /// Prefixes whose methods always need `operator.admin`.
 pub const ADMIN_PREFIXES: &[&str] = &["config.", "exec.approvals.", "wizard.", "update."];
 
+/// Methods under an admin prefix that need `operator.read` instead, as in
+/// OpenClaw: `config.get` answers with every secret redacted, and
+/// `openclaw gateway probe` reads it holding only `operator.read`.
+pub const READ_EXCEPTIONS: &[&str] = &["config.get"];
+
 /// Index of a plugin within its scope, in load order.
 pub type PluginIndex = usize;
 
@@ -328,7 +333,9 @@ impl RegistryBuilder {
         }
         self.owners.push(plugin_id.to_string());
         for mut spec in decl.methods {
-            if ADMIN_PREFIXES.iter().any(|p| spec.name.starts_with(p)) {
+            if READ_EXCEPTIONS.contains(&spec.name.as_str()) {
+                spec.scope = RequiredScope::Scope(scope::READ.to_string());
+            } else if ADMIN_PREFIXES.iter().any(|p| spec.name.starts_with(p)) {
                 spec.scope = RequiredScope::Scope(scope::ADMIN.to_string());
             }
             let detached = core && spec.name == "gateway.restart";
@@ -459,12 +466,20 @@ mod tests {
         r.method("p.read")
             .scope(scope::READ)
             .sync(|_, _| Ok(Value::Null));
+        // config.get needs exactly operator.read, whatever was declared.
+        r.method("config.get")
+            .no_scope()
+            .sync(|_, _| Ok(Value::Null));
         let mut b = RegistryBuilder::new();
         b.add_plugin("p", r.into_declarations()).unwrap();
         let reg = b.build();
         for m in ["config.set", "wizard.run"] {
             assert_eq!(reg.get(m).unwrap().spec.scope.as_str(), Some(scope::ADMIN));
         }
+        assert_eq!(
+            reg.get("config.get").unwrap().spec.scope.as_str(),
+            Some(scope::READ)
+        );
         assert_eq!(
             reg.get("p.read").unwrap().spec.scope.as_str(),
             Some(scope::READ)

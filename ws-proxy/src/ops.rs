@@ -4,8 +4,9 @@
 //!
 //! - `system-presence` (read): the connected clients as OpenClaw presence
 //!   entries, the gateway itself first.
-//! - `config.get` (admin): the effective configuration with every secret
-//!   redacted, the config file's path, whether it exists, its content hash.
+//! - `config.get` (read, as in OpenClaw): the effective configuration with
+//!   every secret redacted, the config file's path, whether it exists, its
+//!   content hash.
 //! - `logs.tail` (admin): recent log lines from the in-memory ring, with a
 //!   cursor; the answer is bounded by `limit` and `maxBytes`.
 //! - `gateway.validate` (admin): build a generation from the current config
@@ -81,12 +82,12 @@ impl Plugin for Ops {
                 Ok(presence(&s))
             });
         let me = self.clone();
-        r.method("config.get")
-            .scope(scope::ADMIN)
-            .sync(move |_, _| {
-                let s = me.server()?;
-                Ok(config_get(&s))
-            });
+        // Read, as in OpenClaw (every secret is redacted): `openclaw gateway
+        // probe` reads it holding only operator.read.
+        r.method("config.get").scope(scope::READ).sync(move |_, _| {
+            let s = me.server()?;
+            Ok(config_get(&s))
+        });
         let me = self.clone();
         r.method("logs.tail")
             .scope(scope::ADMIN)

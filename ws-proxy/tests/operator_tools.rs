@@ -108,11 +108,16 @@ async fn config_get_redacts_every_secret_and_hashes_the_file() {
     assert_eq!(c["valid"], false, "{c}");
     assert!(!c["issues"].as_array().unwrap().is_empty(), "{c}");
 
-    // Admin only.
+    // operator.read suffices (as in OpenClaw, whose probe reads it so);
+    // without it: refused.
     let (mut reader, _) = Client::connect(&s.url(), Some(TOKEN), &["operator.read"]).await;
     let res = reader.call("config.get", json!({})).await;
+    assert_eq!(res["ok"], true, "{res}");
+    assert!(!res.to_string().contains("file-secret-token"));
+    let (mut none, _) = Client::connect(&s.url(), Some(TOKEN), &[]).await;
+    let res = none.call("config.get", json!({})).await;
     assert_eq!(error_code(&res), "FORBIDDEN", "{res}");
-    assert_eq!(res["error"]["details"]["missingScope"], "operator.admin");
+    assert_eq!(res["error"]["details"]["missingScope"], "operator.read");
     s.stop().await;
 }
 

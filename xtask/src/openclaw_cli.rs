@@ -4,8 +4,9 @@
 //! installs the pinned OpenClaw CLI release and a Node.js it supports from
 //! the npm registry into `target/openclaw-cli/` (kept between runs), starts
 //! ws-proxy, and runs `openclaw gateway call ...` the way a user would:
-//! `health`, `status`, a bncr plugin method, `gateway.restart`, a call after
-//! a real SIGUSR1, a wrong token and an unknown method.
+//! `health`, `status`, `openclaw gateway probe` (not degraded), a bncr
+//! plugin method, `gateway.restart`, a call after a real SIGUSR1, a wrong
+//! token and an unknown method.
 
 use crate::process::{build_binary, workspace_root};
 use crate::soak::Gateway;
@@ -111,6 +112,44 @@ fn call(cli: &Cli, gateway: &Gateway, method: &str, token: &str) -> Result<(bool
     Ok((out.status.success(), json))
 }
 
+/// `openclaw gateway probe --json`: reachable, every read probe answered
+/// (`health`, `status`, `system-presence`, `config.get`), not degraded.
+fn probe(cli: &Cli, gateway: &Gateway, token: &str) -> Result<()> {
+    let port = gateway.port().to_string();
+    let out = Command::new(&cli.openclaw)
+        .args(["gateway", "probe", "--url", &gateway.url(), "--port", &port])
+        .args(["--token", token, "--timeout", "10000", "--json"])
+        .env("PATH", &cli.path)
+        .env("HOME", &cli.home)
+        .env("NO_COLOR", "1")
+        .output()
+        .context("run openclaw gateway probe")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = text
+        .find('{')
+        .and_then(|at| serde_json::from_str(&text[at..]).ok())
+        .with_context(|| format!("openclaw gateway probe printed no JSON: {text}"))?;
+    ensure!(out.status.success(), "openclaw gateway probe failed: {v}");
+    ensure!(
+        v["ok"] == true && v["degraded"] == false,
+        "openclaw gateway probe: ok {} degraded {}: {}",
+        v["ok"],
+        v["degraded"],
+        v["warnings"]
+    );
+    let target = &v["targets"][0];
+    ensure!(
+        target["connect"]["rpcOk"] == true && target["health"]["ok"] == true,
+        "probe target: {target}"
+    );
+    ensure!(
+        target["self"]["version"].is_string() && target["config"]["gateway"]["authMode"] == "token",
+        "probe self/config: {target}"
+    );
+    println!("openclaw-cli: gateway probe healthy, not degraded");
+    Ok(())
+}
+
 fn check(cli: &Cli, gateway: &Gateway) -> Result<()> {
     let token = gateway
         .credentials()
@@ -139,6 +178,8 @@ fn check(cli: &Cli, gateway: &Gateway) -> Result<()> {
         methods.contains("\"bncr.connect\"") && methods.contains("\"health\""),
         "status: {status}"
     );
+
+    probe(cli, gateway, &token)?;
 
     let diag = ok("bncr.diagnostics")?;
     ensure!(diag["channel"] == "bncr", "bncr.diagnostics: {diag}");
