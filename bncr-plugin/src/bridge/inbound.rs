@@ -258,18 +258,18 @@ impl Bridge {
     /// while messages are pending (an operator's queue may have refused).
     pub(super) async fn inbound_loop(self: Arc<Self>) {
         loop {
-            let (pending, grace_end) = {
-                let st = self.state();
-                (!st.inbound.is_empty(), st.opened.values().min().copied())
-            };
-            if pending {
+            if !self.state().inbound.is_empty() {
                 self.hand_on_pending().await;
             }
-            let retry = Instant::now() + Duration::from_millis(self.cfg.inbound_retry_ms);
-            let until = match (pending, grace_end) {
-                (true, Some(g)) => Some(g.min(retry)),
-                (true, None) => Some(retry),
-                (false, g) => g,
+            // Graces only matter while something is pending; with nothing
+            // pending, wait to be woken (a new message or an operator).
+            let until = {
+                let now = Instant::now();
+                let mut st = self.state();
+                st.opened.retain(|_, until| *until > now);
+                let grace_end = st.opened.values().min().copied();
+                let retry = now + Duration::from_millis(self.cfg.inbound_retry_ms);
+                (!st.inbound.is_empty()).then(|| grace_end.map_or(retry, |g| g.min(retry)))
             };
             let sleep = async {
                 match until {
