@@ -599,22 +599,14 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
         Some(l) => (l.kind(), RuntimeSlot::Launch(l)),
         None => (PluginKind::Manifest, RuntimeSlot::None),
     };
-    if runtime_slot_is_launch(&runtime) {
-        // Until `prepare` starts its process, the plugin serves nothing (a
-        // validation-only build never starts it).
-        return Ok(Some(Candidate {
-            id: m.id.clone(),
-            name: m.name.clone().unwrap_or_else(|| m.id.clone()),
-            version: m.version.clone(),
-            source: PluginSource::Manifest(path.to_path_buf()),
-            schema: m.config_schema.clone(),
-            identity,
-            create: crate::runtime::create_fn(&m.id, &m.version, None),
-            enabled_default: m.enabled.unwrap_or(true),
-            kind,
-            runtime,
-        }));
-    }
+    // A runtime plugin serves what its process declares; until `prepare`
+    // starts it (a validation-only build never does), it serves nothing.
+    let create: plugin_api::CreateFn = match &runtime {
+        RuntimeSlot::Launch(_) => crate::runtime::create_fn(&m.id, &m.version, None),
+        _ => Arc::new(move |ctx: PluginContext| {
+            Ok(Arc::new(DeclarativePlugin::new(create_m.clone(), &ctx.config)) as Arc<dyn Plugin>)
+        }),
+    };
     Ok(Some(Candidate {
         id: m.id.clone(),
         name: m.name.clone().unwrap_or_else(|| m.id.clone()),
@@ -622,17 +614,28 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
         source: PluginSource::Manifest(path.to_path_buf()),
         schema: m.config_schema.clone(),
         identity,
-        create: Arc::new(move |ctx: PluginContext| {
-            Ok(Arc::new(DeclarativePlugin::new(create_m.clone(), &ctx.config)) as Arc<dyn Plugin>)
-        }),
+        create,
         enabled_default: m.enabled.unwrap_or(true),
         kind,
         runtime,
     }))
 }
 
-fn runtime_slot_is_launch(slot: &RuntimeSlot) -> bool {
-    matches!(slot, RuntimeSlot::Launch(_))
+/// Start declaring method `name` with a manifest-style scope (absent:
+/// `operator.admin`; `"none"`: no scope) and advertise flag.
+pub(crate) fn declare_method<'r>(
+    r: &'r mut Registrar,
+    name: &str,
+    scope: Option<&str>,
+    advertise: bool,
+) -> plugin_api::MethodBuilder<'r> {
+    let b = r.method(name);
+    let b = match scope {
+        None => b.scope(scope::ADMIN),
+        Some("none") => b.no_scope(),
+        Some(s) => b.scope(s),
+    };
+    if advertise { b } else { b.hidden() }
 }
 
 fn check_unique_ids(candidates: &[Candidate]) -> Result<(), BuildError> {
@@ -733,15 +736,7 @@ impl Plugin for DeclarativePlugin {
             r.event(e.clone());
         }
         for m in &self.manifest.methods {
-            let mut b = r.method(m.name.clone());
-            b = match m.scope.as_deref() {
-                None => b.scope(scope::ADMIN),
-                Some("none") => b.no_scope(),
-                Some(s) => b.scope(s),
-            };
-            if !m.advertise {
-                b = b.hidden();
-            }
+            let b = declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
             let name = m.name.clone();
             let reply = self
                 .replies

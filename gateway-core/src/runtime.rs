@@ -4,7 +4,7 @@
 
 use crate::config::GatewayConfig;
 use crate::loader::PluginKind;
-use plugin_api::{BoxFuture, CreateFn, Plugin, PluginContext, Registrar, Service, Value, scope};
+use plugin_api::{BoxFuture, CreateFn, Plugin, PluginContext, Registrar, Service, Value};
 use plugin_host::{Limits, RuntimePlugin, SpawnSpec, node};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -202,15 +202,7 @@ impl Plugin for ProcessPlugin {
             r.event(e.clone());
         }
         for m in &decl.methods {
-            let mut b = r.method(m.name.clone());
-            b = match m.scope.as_deref() {
-                None => b.scope(scope::ADMIN),
-                Some("none") => b.no_scope(),
-                Some(s) => b.scope(s),
-            };
-            if !m.advertise {
-                b = b.hidden();
-            }
+            let b = crate::loader::declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
             let rt = rt.clone();
             let name: Arc<str> = m.name.as_str().into();
             b.handler(move |ctx, params| {

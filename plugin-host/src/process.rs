@@ -458,21 +458,13 @@ fn handle_inbound(
     method: &str,
     params: Option<&RawValue>,
 ) -> Result<serde_json::Value, ErrorObject> {
-    let bad = |m: String| ErrorObject {
-        code: proto::code::INVALID_PARAMS,
-        message: m,
-        data: None,
-    };
+    let bad = |m: String| ErrorObject::new(proto::code::INVALID_PARAMS, m);
     let text = params.map_or("null", RawValue::get);
     match method {
         method::EMIT => {
             let p: EmitParams =
                 serde_json::from_str(text).map_err(|e| bad(format!("emit params: {e}")))?;
-            let n = emit(p).map_err(|m| ErrorObject {
-                code: proto::code::INVALID_REQUEST,
-                message: m,
-                data: None,
-            })?;
+            let n = emit(p).map_err(|m| ErrorObject::new(proto::code::INVALID_REQUEST, m))?;
             Ok(serde_json::json!({ "delivered": n }))
         }
         method::LOG => {
@@ -487,11 +479,10 @@ fn handle_inbound(
             }
             Ok(serde_json::Value::Null)
         }
-        other => Err(ErrorObject {
-            code: proto::code::METHOD_NOT_FOUND,
-            message: format!("the host has no method `{other}`"),
-            data: None,
-        }),
+        other => Err(ErrorObject::new(
+            proto::code::METHOD_NOT_FOUND,
+            format!("the host has no method `{other}`"),
+        )),
     }
 }
 

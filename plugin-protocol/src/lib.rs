@@ -171,6 +171,17 @@ pub struct ErrorObject {
     pub data: Option<Value>,
 }
 
+impl ErrorObject {
+    /// An error with a code and a message and no data.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        ErrorObject {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct OutRequest<'a, P: Serialize> {
     jsonrpc: &'static str,

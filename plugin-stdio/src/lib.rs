@@ -178,11 +178,7 @@ where
                         }
                         Err(message) => proto::error_line(
                             id,
-                            &ErrorObject {
-                                code: proto::code::INTERNAL_ERROR,
-                                message,
-                                data: None,
-                            },
+                            &ErrorObject::new(proto::code::INTERNAL_ERROR, message),
                         ),
                     };
                     let _ = tx.send(line);
@@ -216,11 +212,7 @@ where
                             Ok(()) => proto::result_line(id, &serde_json::json!({})),
                             Err(message) => proto::error_line(
                                 id,
-                                &ErrorObject {
-                                    code: proto::code::INTERNAL_ERROR,
-                                    message,
-                                    data: None,
-                                },
+                                &ErrorObject::new(proto::code::INTERNAL_ERROR, message),
                             ),
                         };
                         let _ = tx2.send(line);
@@ -232,11 +224,10 @@ where
                 other => {
                     let _ = tx.send(proto::error_line(
                         id,
-                        &ErrorObject {
-                            code: proto::code::METHOD_NOT_FOUND,
-                            message: format!("unknown method {other}"),
-                            data: None,
-                        },
+                        &ErrorObject::new(
+                            proto::code::METHOD_NOT_FOUND,
+                            format!("unknown method {other}"),
+                        ),
                     ));
                 }
             },
@@ -267,11 +258,7 @@ where
 fn not_initialized(id: proto::Id) -> String {
     proto::error_line(
         id,
-        &ErrorObject {
-            code: proto::code::INVALID_REQUEST,
-            message: "initialize first".into(),
-            data: None,
-        },
+        &ErrorObject::new(proto::code::INVALID_REQUEST, "initialize first"),
     )
 }
 
