@@ -250,8 +250,11 @@ function renderHistory(s) {
   }
   $('history-empty').hidden = rows.length > 0;
   fill($('history').tBodies[0], rows.map((r) => {
-    const phases = r.phases || r.phaseMs || {};
-    const phaseText = Object.entries(phases).map(([k, v]) => `${k.replace(/Ms$/, '')} ${fmtDuration(v)}`).join(' · ');
+    const phases = r.phasesMs || r.phases || {};
+    const order = ['build', 'handover', 'stopOld', 'startNew'];
+    const rank = (k) => { const i = order.indexOf(k.replace(/Ms$/, '')); return i < 0 ? order.length : i; };
+    const phaseText = Object.entries(phases).sort((a, b) => rank(a[0]) - rank(b[0]))
+      .map(([k, v]) => `${k.replace(/Ms$/, '')} ${fmtDuration(v)}`).join(' · ');
     const changed = r.pluginsChanged || r.methodsChanged || [];
     return h('tr', { 'data-generation': r.generation, 'data-ok': String(!!r.ok) },
       h('td', { class: 'num', title: r.atMs ? new Date(r.atMs).toISOString() : '' }, fmtTime(r.atMs)),
@@ -274,7 +277,7 @@ function renderPlugins(plugins) {
     const rss = p.rssBytes !== undefined ? p.rssBytes : p.pid ? state.pluginRss[p.id] : undefined;
     if (rss !== undefined) proc.push(fmtBytes(rss));
     const crashes = p.crashes !== undefined ? p.crashes : p.restarts;
-    if (crashes !== undefined) proc.push(crashes + ' restart' + (crashes === 1 ? '' : 's'));
+    if (crashes !== undefined && (p.pid || p.lastExit || crashes > 0)) proc.push(crashes + ' restart' + (crashes === 1 ? '' : 's'));
     if (p.lastExit) proc.push('last exit ' + (typeof p.lastExit === 'string' ? p.lastExit : JSON.stringify(p.lastExit)));
     const cls = p.state === 'running' ? 'ok' : p.state === 'failed' ? 'bad' : 'warn';
     return h('tr', { 'data-plugin': p.id },

@@ -407,9 +407,13 @@ impl Browser {
     }
 
     async fn wait_for(&mut self, what: &str, condition: &str) -> Result<()> {
+        // A page still loading has no elements yet: an exception is "not yet".
+        let guarded = format!(
+            "(() => {{ try {{ return !!({condition}); }} catch (e) {{ return false; }} }})()"
+        );
         let deadline = Instant::now() + WAIT;
         loop {
-            if self.eval(condition).await? == Value::Bool(true) {
+            if self.eval(&guarded).await? == Value::Bool(true) {
                 return Ok(());
             }
             if Instant::now() > deadline {
