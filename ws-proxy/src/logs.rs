@@ -2,7 +2,7 @@
 //! recent log lines, fed by a `tracing` layer next to the stderr writer.
 //!
 //! Logging belongs to the process (one global subscriber), so the ring does
-//! too: [`install`] sets it once; [`ring`] reads it. Memory is bounded by
+//! too: [`crate::init_logging`] installs the layer that fills it; [`ring`] reads it. Memory is bounded by
 //! [`RING_LINES`] lines of at most [`MAX_LINE_BYTES`] bytes each.
 
 use serde::Serialize;
@@ -129,7 +129,7 @@ impl LogRing {
 
 static RING: OnceLock<LogRing> = OnceLock::new();
 
-/// The process's log ring (empty until [`install`]ed logging writes to it).
+/// The process's log ring (empty until [`crate::init_logging`] installed the layer).
 pub fn ring() -> &'static LogRing {
     RING.get_or_init(|| LogRing::new(RING_LINES))
 }
