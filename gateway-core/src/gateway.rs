@@ -543,7 +543,9 @@ impl Gateway {
         }
     }
 
-    async fn restart_now(&self, started: Instant, trigger: &str) -> RestartOutcome {
+    /// Process-level settings changed on disk (asked once per restart,
+    /// off the path to the swap), with one warning line when there are any.
+    fn pending_process_settings(&self) -> Vec<String> {
         let pending = self.inner.options.config.pending_process_settings();
         if !pending.is_empty() {
             warn!(
@@ -551,7 +553,12 @@ impl Gateway {
                 "process-level settings changed on disk; they apply only when the process restarts"
             );
         }
+        pending
+    }
+
+    async fn restart_now(&self, started: Instant, trigger: &str) -> RestartOutcome {
         if self.inner.closing.load(Ordering::SeqCst) {
+            let pending = self.pending_process_settings();
             return Err(self.record_failure(
                 started,
                 trigger,
@@ -566,7 +573,10 @@ impl Gateway {
         info!(from = old_gen, to = generation, trigger, "restart started");
         let new = match self.build_next(generation).await {
             Ok(s) => s,
-            Err(e) => return Err(self.record_failure(started, trigger, e.to_string(), pending)),
+            Err(e) => {
+                let pending = self.pending_process_settings();
+                return Err(self.record_failure(started, trigger, e.to_string(), pending));
+            }
         };
         // The swap: from here on the new generation admits every request and
         // is announced; the old one admits nothing new.
@@ -583,6 +593,7 @@ impl Gateway {
             plugins = new.loader().plugins().len(),
             "generation {generation} serving"
         );
+        let pending = self.pending_process_settings();
         let (methods_added, methods_removed) = diff_methods(&old, &new);
         let plugins = plugin_reports(&old, &new);
         let (handovers, shutdown) = hand_over(&old, &new).await;
