@@ -2,9 +2,7 @@
 //! methods (`system-presence`, `config.get`, `logs.tail`),
 //! `gateway.validate`, the dashboard files and the start banner.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use sha2::Digest;
 

@@ -1,9 +1,7 @@
 //! Every row of the handshake table of `docs/protocol.md`, hello-ok's shape, protocol 3
 //! negotiation, auth modes and the failed-auth rate limit.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// Open, read the challenge, send `frame`; return what came back and how it closed.

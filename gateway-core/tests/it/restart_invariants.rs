@@ -1,8 +1,6 @@
 //! One test (at least) per invariant of `docs/restart.md`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gateway_core::PluginPhase;
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, ErrorCode, Params, RequestContext, Role, Scopes, scope,

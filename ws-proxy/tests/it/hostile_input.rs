@@ -2,9 +2,7 @@
 //! caps and HTTP timeouts, origins, failed-auth limits, protocol violations,
 //! a client that never reads, and secrets kept out of the logs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use std::time::Duration;

@@ -1,8 +1,6 @@
 //! Liveness, readiness, 405/404 and the /metrics exposition.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 #[tokio::test]

@@ -1,9 +1,7 @@
 //! Per-plugin hand-over, request deadlines and pending process settings,
 //! against the ws-proxy binary over real sockets and real signals.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::time::Duration;

@@ -2,9 +2,7 @@
 //! level, with config and manifests as real files on disk. (Scenario 2, under
 //! load over sockets, lives in ws-proxy's tests.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gateway_core::{Catalog, Gateway, GatewayOptions, MANIFEST_FILE, TomlFileConfig};
 use plugin_api::NullTransport;
 use serde_json::json;

@@ -1,9 +1,7 @@
 //! Signals a plugin exchanges with the host besides requests: a health check
 //! that reports the plugin degraded, and the connection-opened hook.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gateway_core::PluginPhase;
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, Plugin, PluginContext, PluginFactory, Registrar, Role,

@@ -4,9 +4,7 @@
 //! `gateway.generation` N before any response generation N produced, and
 //! restart signals (SIGHUP included) that never end the process.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};

@@ -2,9 +2,7 @@
 //! the new generation, and everything advertised dispatches; restarts under
 //! load lose nothing; a broken config keeps the old generation serving.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};

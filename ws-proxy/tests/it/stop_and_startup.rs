@@ -1,9 +1,7 @@
 //! Graceful stop by SIGTERM/SIGINT, bounded exit with a stuck handler, and
 //! startup: defaults, generated token, refused settings and bad config files.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::json;
 use std::time::Duration;

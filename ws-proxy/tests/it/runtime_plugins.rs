@@ -6,9 +6,7 @@
 //! its path), else target/node, else `node` on PATH. Without one these tests
 //! fail and say so.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};

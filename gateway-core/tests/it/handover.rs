@@ -3,9 +3,7 @@
 //! history. Timing-dependent tests run on tokio's paused clock, so their
 //! durations are exact and a loaded machine cannot make them flaky.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gateway_core::{
     ConfigError, ConfigSource, GatewayConfig, HandoverKind, PluginEntry, PluginPhase,
     RESTART_HISTORY_LEN, StaticConfig,

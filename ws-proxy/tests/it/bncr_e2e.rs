@@ -2,10 +2,8 @@
 //! connections (a simulated Bncr client and an operator), real signals.
 //! See `docs/bncr.md` for the contract checked here.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

@@ -1,9 +1,7 @@
 //! The `bncr.*` methods within one generation: the happy path, leases,
 //! malformed params, retries, dead letters and acks.
 
-mod common;
-
-use common::Host;
+use crate::common::Host;
 use plugin_api::ErrorCode;
 use serde_json::{Value, json};
 use std::time::Duration;

@@ -2,9 +2,7 @@
 //! offline leases, file transfers in progress and their expiry, chunking,
 //! and the size of the missing-chunks answer.
 
-mod common;
-
-use common::{Gen, Host};
+use crate::common::{Gen, Host};
 use plugin_api::ErrorCode;
 use serde_json::{Value, json};
 use std::time::Duration;

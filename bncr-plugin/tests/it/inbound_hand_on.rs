@@ -7,9 +7,7 @@
 //! Bncr client (a connection that called a Bncr client method) and is past
 //! its `inboundGraceMs` since opening.
 
-mod common;
-
-use common::{Gen, Host, operator_info};
+use crate::common::{Gen, Host, operator_info};
 use serde_json::{Value, json};
 use std::time::Duration;
 

@@ -1,10 +1,8 @@
 //! Files both ways: client-to-gateway spooling with sha256 checks, and
 //! gateway-to-client chunks each waiting for `bncr.file.ack`.
 
-mod common;
-
+use crate::common::Host;
 use base64::Engine;
-use common::Host;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::time::Duration;

@@ -1,9 +1,7 @@
 //! Behaviour across generations: outbox, leases and dedupe survive a swap
 //! and a kill.
 
-mod common;
-
-use common::{Host, ack_in_order, first_seen};
+use crate::common::{Host, ack_in_order, first_seen};
 use serde_json::json;
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
 //! The after-handshake table of `docs/protocol.md`, scope enforcement, ticks and seq.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::time::Duration;
 
