@@ -35,8 +35,10 @@ pub type PluginIndex = usize;
 pub struct MethodEntry {
     /// The plugin that declared it.
     pub owner: PluginIndex,
-    /// The declaration, with the scope the gateway enforces.
-    pub spec: MethodSpec,
+    /// The declaration, with the scope the gateway enforces. Crate-private:
+    /// the handler is reached only through `Gateway::dispatch`, after
+    /// admission and the scope check.
+    pub(crate) spec: MethodSpec,
     /// Runs outside the scope's admission (only the core `gateway.restart`,
     /// which waits for the very drain it would otherwise block).
     pub(crate) detached: bool,
@@ -47,8 +49,8 @@ pub struct MethodEntry {
 pub struct ChannelEntry {
     /// The plugin that declared it.
     pub owner: PluginIndex,
-    /// The channel.
-    pub channel: Arc<dyn Channel>,
+    /// The channel; reached only through the core `send` method.
+    pub(crate) channel: Arc<dyn Channel>,
 }
 
 impl fmt::Debug for ChannelEntry {
@@ -56,6 +58,28 @@ impl fmt::Debug for ChannelEntry {
         f.debug_struct("ChannelEntry")
             .field("owner", &self.owner)
             .finish()
+    }
+}
+
+impl MethodEntry {
+    /// The method name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The scope a caller must hold.
+    pub fn required_scope(&self) -> &plugin_api::RequiredScope {
+        &self.spec.scope
+    }
+
+    /// Whether `features.methods` lists it.
+    pub fn is_advertised(&self) -> bool {
+        self.spec.advertise
+    }
+
+    /// Whether only node-role connections may call it.
+    pub fn is_node_only(&self) -> bool {
+        self.spec.node_only
     }
 }
 
@@ -122,17 +146,17 @@ impl Registry {
     }
 
     /// Connection-closed hooks with their owners.
-    pub fn connection_closed_hooks(&self) -> &[(PluginIndex, ConnectionClosedHook)] {
+    pub(crate) fn connection_closed_hooks(&self) -> &[(PluginIndex, ConnectionClosedHook)] {
         &self.closed_hooks
     }
 
     /// Connection-opened hooks with their owners.
-    pub fn connection_opened_hooks(&self) -> &[(PluginIndex, ConnectionOpenedHook)] {
+    pub(crate) fn connection_opened_hooks(&self) -> &[(PluginIndex, ConnectionOpenedHook)] {
         &self.opened_hooks
     }
 
     /// Health checks with their owners.
-    pub fn health_checks(&self) -> &[(PluginIndex, HealthCheck)] {
+    pub(crate) fn health_checks(&self) -> &[(PluginIndex, HealthCheck)] {
         &self.health_checks
     }
 }
