@@ -264,7 +264,17 @@ impl fmt::Display for ConfigError {
         if let Some(field) = &self.field {
             write!(f, ": field `{field}`")?;
         }
-        write!(f, ": {}", self.message)
+        // One line whatever the message quotes: a value from the file (e.g.
+        // `mode = "\none"`) can carry control characters.
+        f.write_str(": ")?;
+        for c in self.message.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +525,18 @@ timeout_ms = 2500
         let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
         assert!(err.line.is_some(), "{err}");
         assert!(err.to_string().starts_with("config error in gateway.toml:"));
+    }
+
+    #[test]
+    fn errors_stay_on_one_line_when_a_value_has_control_characters() {
+        let text = "[restart]\nconnections = \"\\nclose\\t\"\n";
+        let err = parse_toml::<GatewaySections>(&origin(text)).unwrap_err();
+        let shown = err.to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\t'), "{shown:?}");
+        assert!(
+            shown.contains("\\nclose\\t"),
+            "escaped, not dropped: {shown}"
+        );
     }
 
     #[test]
