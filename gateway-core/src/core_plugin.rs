@@ -1,15 +1,16 @@
 //! The core plugin present in every generation: `health`, `status`,
 //! `gateway.restart` and `send`.
 
-use crate::gateway::{Gateway, GatewayLink, RestartRecord, unix_ms};
+use crate::gateway::{GatewayStats, RestartOutcome, RestartRecord, unix_ms};
 use crate::scope::{PluginPhase, RestartScope, ScopeSlot};
+use futures::future::BoxFuture;
 use plugin_api::{
     OutboundMessage, Params, Plugin, PluginContext, PluginFactory, Registrar, RequestContext,
     RpcError, scope,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 /// The core plugin's id.
 pub const CORE_PLUGIN_ID: &str = "core";
@@ -22,7 +23,27 @@ pub const CORE_EVENTS: &[&str] = &[
     "tick",
 ];
 
-pub(crate) fn factory(link: GatewayLink, slot: ScopeSlot) -> PluginFactory {
+/// The core method that restarts the gateway. It runs outside admission: the
+/// generation that admitted it is drained and stopped while it waits.
+pub(crate) const RESTART_METHOD: &str = "gateway.restart";
+
+/// What the core plugin needs of the gateway, and nothing more.
+pub(crate) trait GatewayControl: Send + Sync {
+    /// Restart the gateway, `trigger` recorded in the restart history.
+    fn restart(self: Arc<Self>, trigger: &'static str) -> BoxFuture<'static, RestartOutcome>;
+    /// Counters for `status`.
+    fn stats(&self) -> GatewayStats;
+    /// The recent restarts, newest first.
+    fn restart_history(&self) -> Vec<RestartRecord>;
+    /// Open client connections.
+    fn connection_count(&self) -> usize;
+}
+
+/// Lets the core plugin reach the gateway without keeping it alive; set once
+/// the gateway exists.
+pub(crate) type ControlLink = Arc<OnceLock<Weak<dyn GatewayControl>>>;
+
+pub(crate) fn factory(link: ControlLink, slot: ScopeSlot) -> PluginFactory {
     PluginFactory::new(
         CORE_PLUGIN_ID,
         env!("CARGO_PKG_VERSION"),
@@ -37,16 +58,15 @@ pub(crate) fn factory(link: GatewayLink, slot: ScopeSlot) -> PluginFactory {
 }
 
 struct CorePlugin {
-    link: GatewayLink,
+    link: ControlLink,
     slot: ScopeSlot,
 }
 
 impl CorePlugin {
-    fn gateway(&self) -> Result<Gateway, RpcError> {
+    fn gateway(&self) -> Result<Arc<dyn GatewayControl>, RpcError> {
         self.link
             .get()
-            .and_then(std::sync::Weak::upgrade)
-            .map(Gateway::from_inner)
+            .and_then(Weak::upgrade)
             .ok_or_else(|| RpcError::unavailable("gateway is stopping"))
     }
 
@@ -83,15 +103,15 @@ impl Plugin for CorePlugin {
         let me = self.clone_handle();
         r.method("status").scope(scope::READ).sync(move |_, _| {
             let (gw, scope) = (me.gateway()?, me.scope()?);
-            Ok(status(&gw, &scope))
+            Ok(status(&*gw, &scope))
         });
         let me = self.clone_handle();
-        r.method("gateway.restart")
+        r.method(RESTART_METHOD)
             .scope(scope::ADMIN)
             .handler(move |_, _| {
                 let gw = me.gateway();
                 async move {
-                    match gw?.restart_with("gateway.restart").await {
+                    match gw?.restart(RESTART_METHOD).await {
                         Ok(rep) => Ok(json!({
                             "ok": true,
                             "generation": rep.generation,
@@ -162,7 +182,7 @@ fn health(scope: &RestartScope) -> Value {
     })
 }
 
-fn status(gw: &Gateway, scope: &RestartScope) -> Value {
+fn status(gw: &dyn GatewayControl, scope: &RestartScope) -> Value {
     let stats = gw.stats();
     let phases = scope.plugin_phases();
     let plugins: Vec<Value> = scope
@@ -204,7 +224,7 @@ fn status(gw: &Gateway, scope: &RestartScope) -> Value {
         "methodScopes": method_scopes(scope),
         "events": &*features.events,
         "channels": scope.registry().channel_ids(),
-        "connections": gw.transport().connection_count(),
+        "connections": gw.connection_count(),
         "inFlight": stats.in_flight,
         "liveScopes": stats.live_scopes,
     })

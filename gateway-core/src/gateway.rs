@@ -2,9 +2,11 @@
 //! and restarts that build, swap, drain, stop and start.
 
 use crate::config::ConfigSource;
+use crate::core_plugin::{CORE_PLUGIN_ID, ControlLink, GatewayControl, RESTART_METHOD};
 use crate::frame::Features;
 use crate::loader::{BuildError, Candidate, Catalog, PluginSource};
 use crate::panic;
+use crate::policy::HostPolicy;
 use crate::scope::{Admitted, BuildInputs, CancelReason, RestartScope, ScopeSlot, ShutdownReport};
 use arc_swap::ArcSwap;
 use plugin_api::{
@@ -230,12 +232,18 @@ struct Coordinator {
     pending: Mutex<Option<watch::Receiver<Option<RestartOutcome>>>>,
 }
 
-/// Lets the core plugin reach the gateway without keeping it alive.
-pub(crate) type GatewayLink = Arc<OnceLock<std::sync::Weak<Inner>>>;
+/// The core plugin's privileges, handed to the registry and loader as data:
+/// it may take the host's method names and events, its restart method runs
+/// outside admission, and it cannot be disabled.
+const CORE_POLICY: HostPolicy = HostPolicy {
+    privileged: Some(CORE_PLUGIN_ID),
+    detached: &[RESTART_METHOD],
+    required: &[CORE_PLUGIN_ID],
+};
 
 pub(crate) struct Inner {
     current: ArcSwap<RestartScope>,
-    link: GatewayLink,
+    link: ControlLink,
     options: GatewayOptions,
     coordinator: Coordinator,
     live_scopes: Arc<AtomicUsize>,
@@ -275,7 +283,7 @@ impl Gateway {
     pub async fn start(options: GatewayOptions) -> Result<Gateway, BuildError> {
         let config = options.config.load()?;
         let live_scopes = Arc::new(AtomicUsize::new(0));
-        let link: GatewayLink = Arc::new(OnceLock::new());
+        let link: ControlLink = Arc::new(OnceLock::new());
         let manifests = prepare(&options, 1, &config, &[]).await?;
         let scope = build_scope(&options, &live_scopes, &link, 1, &config, manifests)?;
         let inner = Arc::new(Inner {
@@ -296,7 +304,9 @@ impl Gateway {
             closing: AtomicBool::new(false),
             started_at: Instant::now(),
         });
-        let _ = link.set(Arc::downgrade(&inner));
+        let control: Arc<dyn GatewayControl> = inner.clone();
+        let _ = link.set(Arc::downgrade(&control));
+        drop(control);
         scope.start_services().await;
         inner.serving.send_replace(1);
         info!(
@@ -742,7 +752,7 @@ impl Gateway {
     /// The last [`RESTART_HISTORY_LEN`] restarts, newest first, failed
     /// ones included.
     pub fn restart_history(&self) -> Vec<RestartRecord> {
-        lock(&self.inner.history).iter().cloned().collect()
+        self.inner.restart_history()
     }
 
     /// Stop: refuse new requests with `UNAVAILABLE gateway-closing`, drain
@@ -766,7 +776,25 @@ impl Gateway {
 
     /// Counters for status and metrics.
     pub fn stats(&self) -> GatewayStats {
-        let i = &self.inner;
+        self.inner.stats()
+    }
+
+    /// The transport events go through (the host's connection table).
+    pub fn transport(&self) -> &Arc<dyn EventTransport> {
+        &self.inner.options.transport
+    }
+}
+
+impl GatewayControl for Inner {
+    fn restart(
+        self: Arc<Self>,
+        trigger: &'static str,
+    ) -> futures::future::BoxFuture<'static, RestartOutcome> {
+        Box::pin(async move { Gateway { inner: self }.restart_with(trigger).await })
+    }
+
+    fn stats(&self) -> GatewayStats {
+        let i = self;
         GatewayStats {
             generation: i.current.load().generation(),
             live_scopes: i.live_scopes.load(Ordering::SeqCst),
@@ -792,13 +820,12 @@ impl Gateway {
         }
     }
 
-    /// The transport events go through (the host's connection table).
-    pub fn transport(&self) -> &Arc<dyn EventTransport> {
-        &self.inner.options.transport
+    fn restart_history(&self) -> Vec<RestartRecord> {
+        lock(&self.history).iter().cloned().collect()
     }
 
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Gateway {
-        Gateway { inner }
+    fn connection_count(&self) -> usize {
+        self.options.transport.connection_count()
     }
 }
 
@@ -824,7 +851,7 @@ async fn prepare(
 fn build_scope(
     options: &GatewayOptions,
     live_scopes: &Arc<AtomicUsize>,
-    link: &GatewayLink,
+    link: &ControlLink,
     generation: u64,
     config: &crate::GatewayConfig,
     manifests: Vec<Candidate>,
@@ -836,6 +863,7 @@ fn build_scope(
         transport: &options.transport,
         live_scopes,
         core: crate::core_plugin::factory(link.clone(), slot.clone()),
+        policy: CORE_POLICY,
         manifests,
     };
     let scope = Arc::new(RestartScope::build(generation, config, inputs)?);

@@ -19,6 +19,7 @@ pub mod frame;
 mod gateway;
 mod loader;
 mod panic;
+mod policy;
 mod registry;
 mod runtime;
 mod scope;

@@ -7,7 +7,7 @@
 //! There is no process-wide cache.
 
 use crate::config::{ConfigError, ConfigOrigin, GatewayConfig};
-use crate::core_plugin::CORE_PLUGIN_ID;
+use crate::policy::HostPolicy;
 use plugin_api::{
     EventTransport, LifeController, Params, Plugin, PluginContext, PluginError, PluginFactory,
     Registrar, RpcError, ScopeLife, scope,
@@ -323,6 +323,8 @@ pub(crate) struct LoadContext<'a> {
     pub(crate) state_dir: &'a Path,
     pub(crate) generation: u64,
     pub(crate) transport: &'a Arc<dyn EventTransport>,
+    /// Which plugins cannot be disabled.
+    pub(crate) policy: HostPolicy,
 }
 
 /// Find every plugin, validate configs, and construct the enabled ones. Each
@@ -345,11 +347,11 @@ pub(crate) fn load(
     for c in candidates {
         let entry = cx.config.plugins.entries.get(&c.id);
         let enabled = entry.and_then(|e| e.enabled).unwrap_or(c.enabled_default);
-        if c.id == CORE_PLUGIN_ID && !enabled {
+        if !enabled && cx.policy.required.contains(&c.id.as_str()) {
             return Err(ConfigError::at_field(
                 cx.config.origin.as_ref(),
-                &format!("plugins.entries.{CORE_PLUGIN_ID}.enabled"),
-                "the core plugin cannot be disabled",
+                &format!("plugins.entries.{}.enabled", c.id),
+                format!("the {} plugin cannot be disabled", c.id),
             )
             .into());
         }

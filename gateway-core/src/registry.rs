@@ -5,6 +5,7 @@
 //! the registry is built, so there is no second copy that could drift.
 
 use crate::frame::Features;
+use crate::policy::HostPolicy;
 use plugin_api::{
     Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations, HealthCheck, MethodSpec,
     RequiredScope, scope,
@@ -269,6 +270,7 @@ pub struct RegistryBuilder {
     closed_hooks: Vec<(PluginIndex, ConnectionClosedHook)>,
     opened_hooks: Vec<(PluginIndex, ConnectionOpenedHook)>,
     health_checks: Vec<(PluginIndex, HealthCheck)>,
+    policy: HostPolicy,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -280,14 +282,18 @@ impl fmt::Debug for RegistryBuilder {
     }
 }
 
-fn is_core_owner(plugin_id: &str) -> bool {
-    plugin_id == crate::core_plugin::CORE_PLUGIN_ID
-}
-
 impl RegistryBuilder {
-    /// An empty builder.
+    /// An empty builder that grants no plugin the host's names.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty builder that grants `policy.privileged` the host's names.
+    pub(crate) fn with_policy(policy: HostPolicy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
     }
 
     /// Add one plugin's declarations. On error nothing of this plugin is kept,
@@ -302,7 +308,7 @@ impl RegistryBuilder {
                 plugin: plugin_id.to_string(),
             });
         }
-        let core = is_core_owner(plugin_id);
+        let core = self.policy.is_privileged(plugin_id);
         let index = self.owners.len();
         // Check everything before inserting anything.
         let mut seen: Vec<&str> = Vec::with_capacity(decl.methods.len());
@@ -362,7 +368,7 @@ impl RegistryBuilder {
             } else if ADMIN_PREFIXES.iter().any(|p| spec.name.starts_with(p)) {
                 spec.scope = RequiredScope::Scope(scope::ADMIN.to_string());
             }
-            let detached = core && spec.name == "gateway.restart";
+            let detached = core && self.policy.detached.contains(&spec.name.as_str());
             self.methods.insert(
                 spec.name.clone().into_boxed_str(),
                 MethodEntry {
@@ -621,5 +627,31 @@ mod tests {
             check("p.node.report", &admin),
             Err("NODE_ROLE_REQUIRED".into())
         );
+    }
+
+    #[test]
+    fn host_names_and_detached_methods_are_granted_by_policy_only() {
+        let names = ["status", "gateway.restart"];
+        // Without a policy no plugin is special, whatever its id.
+        let err = RegistryBuilder::new()
+            .add_plugin("core", decl("core", &names))
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::ReservedMethod { .. }), "{err}");
+        let policy = HostPolicy {
+            privileged: Some("host"),
+            detached: &["gateway.restart"],
+            required: &[],
+        };
+        let mut b = RegistryBuilder::with_policy(policy);
+        b.add_plugin("host", decl("host", &names)).unwrap();
+        // The privileged plugin's names stay closed to everyone else.
+        let err = b.add_plugin("core", decl("core", &["health"])).unwrap_err();
+        assert!(matches!(err, RegistryError::ReservedMethod { .. }), "{err}");
+        b.add_plugin("other", decl("other", &["other.gateway.restart"]))
+            .unwrap();
+        let reg = b.build();
+        assert!(reg.get("gateway.restart").unwrap().detached);
+        assert!(!reg.get("status").unwrap().detached);
+        assert!(!reg.get("other.gateway.restart").unwrap().detached);
     }
 }

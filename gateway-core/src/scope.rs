@@ -248,6 +248,8 @@ pub(crate) struct BuildInputs<'a> {
     pub(crate) transport: &'a Arc<dyn EventTransport>,
     pub(crate) live_scopes: &'a Arc<AtomicUsize>,
     pub(crate) core: PluginFactory,
+    /// What the core plugin may do that others may not.
+    pub(crate) policy: crate::policy::HostPolicy,
     /// Plugins found in manifests, runtime plugins already started.
     pub(crate) manifests: Vec<crate::loader::Candidate>,
 }
@@ -267,11 +269,12 @@ impl RestartScope {
             state_dir: inputs.state_dir,
             generation,
             transport: inputs.transport,
+            policy: inputs.policy,
         };
         let (loader, lives) =
             crate::loader::load(&cx, inputs.core, inputs.catalog, inputs.manifests)?;
         let request_cancel = CancellationToken::new();
-        let mut builder = RegistryBuilder::new();
+        let mut builder = RegistryBuilder::with_policy(inputs.policy);
         let mut plugins = Vec::with_capacity(loader.plugins().len());
         for (p, life) in loader.plugins().iter().zip(lives) {
             let mut registrar = Registrar::new(&p.id);

@@ -232,6 +232,29 @@ async fn scenario_5_manifest_and_config_edits_on_disk_take_effect() {
     );
 }
 
+// The core plugin cannot be disabled (the gateway's policy says so): the
+// restart fails naming the field and the old generation serves on.
+#[tokio::test]
+async fn disabling_the_core_plugin_is_refused_and_the_old_scope_serves_on() {
+    let d = disk_gateway("").await;
+    let gw = &d.gateway;
+    write_config(
+        &d.config_path,
+        d.plugins.path(),
+        "[plugins.entries.core]\nenabled = false\n",
+    );
+    let err = call(gw, "gateway.restart", json!({})).await.unwrap_err();
+    assert!(
+        err.message.contains("plugins.entries.core.enabled")
+            && err.message.contains("the core plugin cannot be disabled"),
+        "{}",
+        err.message
+    );
+    assert_eq!(gw.current().generation(), 1);
+    assert!(dispatches(gw, "status").await);
+    assert!(dispatches(gw, "disk.alpha").await);
+}
+
 // Scenario 6: break the config, restart: the old scope keeps serving and the
 // error (file, line, field) is visible in status and in gateway.restart.
 #[tokio::test]
