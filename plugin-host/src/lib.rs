@@ -101,7 +101,8 @@ pub struct SpawnSpec {
     /// Program and arguments (never a shell string).
     pub argv: Vec<OsString>,
     /// Environment granted by the plugin's config, on top of the allow-list
-    /// (`PATH`, `HOME`, `USER`, `LANG`, `LC_*`, `TZ`, `TERM`).
+    /// (`PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `LANGUAGE`, `LC_ALL`,
+    /// `LC_CTYPE`, `LC_MESSAGES`, `TZ`, `TERM`).
     pub env: Vec<(String, String)>,
     /// The plugin's validated config.
     pub config: Value,
@@ -339,7 +340,17 @@ impl RuntimePlugin {
             deadline_ms: limits.call_timeout.as_millis() as u64,
         };
         let id = &self.inner.spec.plugin_id;
-        match proc.request(method::CALL, &call, limits.call_timeout).await {
+        // The request's own deadline (`requests.timeout_ms`, counted from
+        // admission) may end the wait before `call_timeout` does and drop
+        // this future: a call abandoned while still pending is counted and
+        // probed like a timed-out one, or a hung process would go unnoticed.
+        let mut abandoned = Abandoned {
+            inner: &self.inner,
+            proc: Some(proc.clone()),
+        };
+        let answer = proc.request(method::CALL, &call, limits.call_timeout).await;
+        abandoned.proc = None;
+        match answer {
             Ok(raw) => match serde_json::from_str::<CallResult>(raw.get()) {
                 Ok(CallResult {
                     ok: true, payload, ..
@@ -390,10 +401,18 @@ impl RuntimePlugin {
         let inner = &self.inner;
         inner.stop.cancel();
         let services = std::mem::take(&mut lock(&inner.state).services_started);
-        let proc = lock(&inner.current).clone();
-        let Some(proc) = proc else {
-            lock(&inner.state).state = ProcessState::Stopped;
-            return None;
+        // Under the `current` lock, as `install` checks `stop`: a respawn
+        // either installed its process before this (and it is stopped
+        // here) or sees the stop and kills it.
+        let proc = {
+            let cur = lock(&inner.current);
+            match cur.clone() {
+                Some(p) => p,
+                None => {
+                    lock(&inner.state).state = ProcessState::Stopped;
+                    return None;
+                }
+            }
         };
         let limits = &inner.spec.limits;
         if services
@@ -434,6 +453,26 @@ impl Drop for RuntimePlugin {
         if let Some(p) = lock(&self.inner.current).take() {
             p.kill_now();
         }
+    }
+}
+
+/// Armed while a call waits for its answer; dropped armed (the caller
+/// stopped waiting), it counts a call timeout and probes the process.
+struct Abandoned<'a> {
+    inner: &'a Arc<Inner>,
+    proc: Option<Arc<Process>>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let Some(proc) = self.proc.take() else {
+            return;
+        };
+        if proc.ended().is_some() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        lock(&self.inner.state).call_timeouts += 1;
+        probe(self.inner, proc);
     }
 }
 
@@ -548,10 +587,20 @@ fn same_declarations(a: &InitializeResult, b: &InitializeResult) -> bool {
 }
 
 impl Inner {
-    fn install(self: &Arc<Self>, proc: Arc<Process>) {
+    /// Make `proc` the serving process; `false` (and `proc` killed) if the
+    /// plugin is being stopped. The stop check and the install happen under
+    /// the `current` lock, which `stop` takes too, so a concurrent `stop`
+    /// either sees this process or makes this refuse it.
+    fn install(self: &Arc<Self>, proc: Arc<Process>) -> bool {
         let pid = proc.pid();
-        *lock(&self.current) = Some(proc.clone());
         {
+            let mut cur = lock(&self.current);
+            if self.stop.is_cancelled() {
+                drop(cur);
+                proc.kill_now();
+                return false;
+            }
+            *cur = Some(proc.clone());
             let mut st = lock(&self.state);
             st.state = ProcessState::Running;
             st.pid = Some(pid);
@@ -561,6 +610,7 @@ impl Inner {
         if let Some(e) = proc.ended() {
             self.on_exit(pid, e);
         }
+        true
     }
 
     fn emit(&self, p: EmitParams) -> Result<usize, String> {
@@ -746,7 +796,9 @@ async fn respawn(inner: Arc<Inner>, mut attempt: usize) {
                     return;
                 }
                 let services = lock(&inner.state).services_started;
-                inner.install(proc.clone());
+                if !inner.install(proc.clone()) {
+                    return;
+                }
                 info!(plugin = %spec.plugin_id, generation = spec.generation, pid = proc.pid(), "plugin process respawned");
                 if services
                     && let Err(f) = proc

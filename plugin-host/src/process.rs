@@ -4,6 +4,7 @@
 use crate::lines::{LineRead, read_line};
 use crate::{Limits, SpawnSpec, StderrTail};
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id as WaitId, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use plugin_protocol::{
     self as proto, CancelParams, EmitParams, ErrorObject, Id, LogParams, Message, MessageKind,
@@ -85,6 +86,10 @@ pub(crate) struct Process {
     stopping: std::sync::atomic::AtomicBool,
     /// A liveness `ping` is in flight.
     pub(crate) probing: std::sync::atomic::AtomicBool,
+    /// Set (under the lock) once the process is about to be reaped: its pid
+    /// and process group id may then belong to someone else, so no signal
+    /// is sent any more.
+    reaped: Mutex<bool>,
     ended: watch::Receiver<Option<Arc<Ended>>>,
 }
 
@@ -166,6 +171,7 @@ impl Process {
             violation: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
             probing: std::sync::atomic::AtomicBool::new(false),
+            reaped: Mutex::new(false),
             ended: ended_rx,
         });
         tokio::spawn(write_loop(stdin, out_rx));
@@ -280,7 +286,10 @@ impl Process {
     }
 
     fn signal(&self, sig: Signal) {
-        if self.pid > 0 {
+        // Held while signalling: the reaper cannot reap (and free the pid)
+        // in between the check and the kill.
+        let reaped = lock(&self.reaped);
+        if self.pid > 0 && !*reaped {
             let _ = killpg(Pid::from_raw(self.pid as i32), sig);
         }
     }
@@ -530,6 +539,17 @@ async fn reap(
     ended_tx: watch::Sender<Option<Arc<Ended>>>,
     on_exit: ExitFn,
 ) {
+    // Wait for the exit without reaping (WNOWAIT): the zombie keeps the
+    // pid and the process group id from being reused, so the group, with
+    // any grandchildren still holding the pipes, can be killed safely.
+    // Only then is the child reaped, and no signal is sent after that.
+    if proc.pid > 0 {
+        let pid = Pid::from_raw(proc.pid as i32);
+        exited_unreaped(pid).await;
+        let mut reaped = lock(&proc.reaped);
+        let _ = killpg(pid, Signal::SIGKILL);
+        *reaped = true;
+    }
     let status = match child.wait().await {
         Ok(s) => describe_status(s),
         Err(e) => format!("wait failed: {e}"),
@@ -548,6 +568,28 @@ async fn reap(
         let _ = tx.send(Err(Failure::Ended(ended.clone())));
     }
     on_exit(proc.pid, ended);
+}
+
+/// Until `pid` has exited, without reaping it.
+async fn exited_unreaped(pid: Pid) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Subscribed before the first check, so an exit in between still wakes
+    // this; the timeout is a safety net for a missed signal.
+    let mut sigchld = signal(SignalKind::child()).ok();
+    loop {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+        match waitid(WaitId::Pid(pid), flags) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            // Exited, or cannot be waited for: reap (or fail to) below.
+            _ => return,
+        }
+        match sigchld.as_mut() {
+            Some(s) => {
+                let _ = tokio::time::timeout(Duration::from_millis(200), s.recv()).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 async fn futures_join(handles: [tokio::task::JoinHandle<()>; 2]) {

@@ -66,17 +66,21 @@ async fn wait_state(p: &RuntimePlugin, want: &str) {
     }
 }
 
+/// Whether `pid` still runs, or is a zombie this test process is the parent
+/// of: the plugin host reaps what it spawned before it reports the exit, so
+/// a zombie of ours left behind is a missing reap and counts as alive (the
+/// waits below give a reap in flight its grace). A zombie reparented to
+/// init (a grandchild) does not run any more.
 fn alive(pid: u32) -> bool {
-    // A zombie waiting for init to reap it does not run any more.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    fields.first() != Some(&"Z") || fields.get(1) == Some(&std::process::id().to_string().as_str())
 }
 
 fn reason(e: &RpcError) -> &str {
@@ -446,5 +450,72 @@ async fn a_hung_process_is_found_by_ping_after_a_timeout_and_killed() {
     assert_eq!(reason(&e), "plugin-timeout");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(p.status().restarts, 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_process_is_found_when_the_request_deadline_ends_the_wait_first() {
+    // The defaults: `requests.timeout_ms` (30 s from admission) ends before
+    // `call_timeout` (30 s from the send), so the gateway drops the call's
+    // future before the plugin host's own timeout fires. Model that with a
+    // request deadline shorter than the call timeout.
+    let env = Env::new();
+    let limits = Limits {
+        ping_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    assert!(limits.call_timeout >= Duration::from_secs(30));
+    let p = Arc::new(start(&env, json!({}), limits).await);
+    let pid = p.status().pid.unwrap();
+    let request_deadline = Duration::from_millis(300);
+    let r = tokio::time::timeout(request_deadline, call(&p, "t.hang", json!({}))).await;
+    assert!(r.is_err(), "the hung call answered: {r:?}");
+    assert_eq!(p.status().call_timeouts, 1);
+    // The ping goes unanswered: the process is killed and comes back.
+    wait_state(&p, "respawning").await;
+    wait_state(&p, "running").await;
+    assert!(!alive(pid));
+    let s = p.status();
+    assert_eq!(s.restarts, 1);
+    assert!(s.last_exit.unwrap().contains("unresponsive"));
+    assert_eq!(call(&p, "t.add", json!({"a": 2})).await.unwrap()["sum"], 2);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_kills_the_process_group_with_its_grandchildren() {
+    let env = Env::new();
+    let pidfile = env.dir.path().join("grandchild.pid");
+    let mut spec = env.spec(json!({}), Limits::default());
+    // A grandchild in the plugin's group that holds stdout open.
+    spec.argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "sleep 60 & echo $! > '{}'; exec python3 '{}'",
+            pidfile.display(),
+            fixture().display()
+        )
+        .into(),
+    ];
+    let p = RuntimePlugin::start(spec).await.expect("plugin starts");
+    let grandchild: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(grandchild));
+    let e = call(&p, "t.exit", json!({"code": 3})).await.unwrap_err();
+    assert_eq!(reason(&e), "plugin-crashed");
+    wait_state(&p, "running").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(grandchild) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crashed process's grandchild {grandchild} survived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&p, "t.add", json!({"a": 2})).await.unwrap()["sum"], 2);
     p.stop().await;
 }
