@@ -109,19 +109,24 @@ fn plugin_status<'a>(status: &'a Value, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no plugin {id} in {status}"))
 }
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
+/// Whether `pid` still runs, or is a zombie whose parent is `gateway`: the
+/// gateway reaps the plugin processes it spawned, so a zombie of its left
+/// behind is a missing reap and counts as alive (the waits give a reap in
+/// flight its grace). A zombie reparented elsewhere does not run any more.
+fn alive(pid: u64, gateway: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    fields.first() != Some(&"Z") || fields.get(1) == Some(&gateway.to_string().as_str())
 }
 
-/// Live (non-zombie) processes whose parent is `parent`, with their command.
+/// Processes whose parent is `parent`, with their command. Zombies count
+/// (shown as `<zombie>`): the parent has not reaped them.
 fn children(parent: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -135,12 +140,16 @@ fn children(parent: u32) -> Vec<(u32, String)> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z") || fields.get(1) != Some(&parent.to_string().as_str()) {
+        if fields.get(1) != Some(&parent.to_string().as_str()) {
             continue;
         }
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
-            .replace('\0', " ");
+        let cmd = if fields.first() == Some(&"Z") {
+            "<zombie>".to_string()
+        } else {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ")
+        };
         out.push((pid, cmd));
     }
     out
@@ -211,7 +220,8 @@ async fn a_node_plugin_serves_what_it_declared_and_reloads_its_code_on_sigusr1()
     assert_eq!(s1["state"], "running");
     assert_eq!(s1["restarts"], 0);
     let pid1 = s1["pid"].as_u64().unwrap();
-    assert!(alive(pid1));
+    let gateway = p.child.id().unwrap();
+    assert!(alive(pid1, gateway));
     let health = c.call("health", json!({})).await;
     assert_eq!(health["payload"]["ok"], true, "{health}");
     assert_eq!(health["payload"]["plugins"]["processes"][0]["pid"], pid1);
@@ -237,7 +247,7 @@ async fn a_node_plugin_serves_what_it_declared_and_reloads_its_code_on_sigusr1()
     assert_ne!(s2["codeHash"], s1["codeHash"]);
     assert_ne!(s2["pid"], s1["pid"]);
     eventually(WAIT, "the old generation's process to exit", || async {
-        (!alive(pid1)).then_some(())
+        (!alive(pid1, gateway)).then_some(())
     })
     .await;
     assert!(
