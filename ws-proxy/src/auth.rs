@@ -1,17 +1,19 @@
 //! Shared-secret authentication at `connect`, in constant time, with a
 //! bounded per-peer limit on failures.
 //!
-//! Failures are counted per peer address in two fixed one-minute buckets
-//! (the current and the previous one): each failure is O(1), a rotation
-//! drops a whole bucket at once, and each bucket holds at most
-//! [`MAX_TRACKED`] addresses (further addresses share one overflow slot).
+//! Failures are counted per peer (an IPv4 address, or an IPv6 address's
+//! /64 prefix, since one host usually holds a whole /64) in two fixed
+//! one-minute buckets (the current and the previous one): each failure is
+//! O(1), a rotation drops a whole bucket at once, and each bucket holds at
+//! most [`MAX_TRACKED`] peers (further peers share one overflow slot).
 //!
-//! A remote address over the limit is refused before its secret is looked
-//! at. Loopback is different: every local client shares 127.0.0.1, so a
-//! local address over the limit is never refused. A correct secret is always
-//! accepted there; a wrong one is answered only after a delay that grows
-//! with the excess, which throttles the guessing client without locking out
-//! anyone who knows the secret.
+//! A tracked remote peer over the limit is refused before its secret is
+//! looked at. The overflow slot never refuses anyone up front (that would
+//! let anyone holding 4096 addresses lock every new client out); like
+//! loopback, where every local client shares 127.0.0.1, a correct secret is
+//! always accepted there and a wrong one is answered only after a delay that
+//! grows with the excess, which throttles guessing clients without locking
+//! out anyone who knows the secret.
 
 use crate::config::{AuthMode, AuthSettings};
 use crate::limits::LimitMetrics;
@@ -51,21 +53,28 @@ struct FailureBook {
 }
 
 impl FailureBook {
+    /// Buckets start on a fixed grid (`started` advances by whole windows),
+    /// so a failure in the current bucket counts until `started + 2 *
+    /// WINDOW` and one in the previous bucket until `started + WINDOW`.
     fn rotate(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.started);
         if elapsed < WINDOW {
             return;
         }
-        self.previous = if elapsed < 2 * WINDOW {
-            std::mem::take(&mut self.current)
+        if elapsed < 2 * WINDOW {
+            self.previous = std::mem::take(&mut self.current);
+            self.started += WINDOW;
         } else {
             self.current.clear();
-            HashMap::new()
-        };
-        self.started = now;
+            self.previous.clear();
+            self.started = now;
+        }
     }
 
+    /// Where `peer`'s failures are recorded: its own slot when it has one or
+    /// there is room, else [`OVERFLOW`].
     fn key(&self, peer: IpAddr) -> IpAddr {
+        let peer = peer_key(peer);
         if self.current.len() >= MAX_TRACKED && !self.current.contains_key(&peer) {
             OVERFLOW
         } else {
@@ -73,21 +82,41 @@ impl FailureBook {
         }
     }
 
-    fn count(&self, peer: IpAddr) -> u32 {
-        let key = self.key(peer);
-        let prev = if self.previous.contains_key(&peer) {
-            peer
-        } else {
-            key
-        };
-        self.current.get(&key).copied().unwrap_or(0)
-            + self.previous.get(&prev).copied().unwrap_or(0)
+    /// Failures in `key`'s own slot (current + previous bucket).
+    fn count_key(&self, key: IpAddr) -> u32 {
+        self.current
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(self.previous.get(&key).copied().unwrap_or(0))
     }
 
-    fn record(&mut self, peer: IpAddr) -> u32 {
+    /// Failures counted against `peer` itself (never the overflow slot).
+    fn count(&self, peer: IpAddr) -> u32 {
+        self.count_key(peer_key(peer))
+    }
+
+    /// Record a failure; returns the slot's count and whether it was the
+    /// shared overflow slot.
+    fn record(&mut self, peer: IpAddr) -> (u32, bool) {
         let key = self.key(peer);
-        *self.current.entry(key).or_insert(0) += 1;
-        self.count(peer)
+        let c = self.current.entry(key).or_insert(0);
+        *c = c.saturating_add(1);
+        (self.count_key(key), key == OVERFLOW)
+    }
+
+    /// How long until `peer`'s count drops below `limit`: failures in the
+    /// previous bucket stop counting at `started + WINDOW`, those in the
+    /// current one at `started + 2 * WINDOW`.
+    fn retry_after(&self, peer: IpAddr, limit: u32, now: Instant) -> Duration {
+        let key = peer_key(peer);
+        let current = self.current.get(&key).copied().unwrap_or(0);
+        let until = if current < limit {
+            self.started + WINDOW
+        } else {
+            self.started + 2 * WINDOW
+        };
+        until.saturating_duration_since(now)
     }
 
     #[cfg(test)]
@@ -106,6 +135,18 @@ pub(crate) struct Authenticator {
 
 fn is_local(peer: IpAddr) -> bool {
     peer.to_canonical().is_loopback()
+}
+
+/// The key a peer's failures are counted under: IPv4 (also IPv4-mapped)
+/// addresses as they are, IPv6 addresses by their /64 prefix.
+pub(crate) fn peer_key(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+    }
 }
 
 impl Authenticator {
@@ -127,8 +168,9 @@ impl Authenticator {
         b
     }
 
-    /// `Some(error)` when remote `peer` has failed too often recently; never
-    /// for loopback (see the module docs).
+    /// `Some(error)` when remote `peer` has failed too often recently under
+    /// its own slot; never for loopback nor for the shared overflow slot
+    /// (see the module docs).
     pub(crate) fn rate_limited(&self, peer: IpAddr) -> Option<RpcError> {
         let limit = self.settings.max_failures_per_minute;
         if limit == 0 || is_local(peer) {
@@ -138,7 +180,7 @@ impl Authenticator {
         if book.count(peer) < limit {
             return None;
         }
-        let retry = WINDOW.saturating_sub(book.started.elapsed()).as_millis() as u64;
+        let retry = book.retry_after(peer, limit, Instant::now()).as_millis() as u64;
         drop(book);
         self.metrics.count(&self.metrics.auth_rate_limited);
         Some(
@@ -153,8 +195,8 @@ impl Authenticator {
     /// Count a failure; returns how long to hold the answer.
     fn record_failure(&self, peer: IpAddr) -> Duration {
         let limit = self.settings.max_failures_per_minute;
-        let count = self.book().record(peer);
-        if limit == 0 || !is_local(peer) || count <= limit {
+        let (count, overflow) = self.book().record(peer);
+        if limit == 0 || !(is_local(peer) || overflow) || count <= limit {
             return Duration::ZERO;
         }
         self.metrics.count(&self.metrics.auth_throttled);
@@ -300,8 +342,10 @@ mod tests {
 
     #[test]
     fn loopback_failures_throttle_the_failing_client_and_never_refuse_the_secret() {
-        let a = auth(AuthMode::Token, Some("s"), 3);
         for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            // A fresh book each: an IPv4-mapped address counts as the IPv4
+            // address it maps.
+            let a = auth(AuthMode::Token, Some("s"), 3);
             let peer: IpAddr = local.parse().unwrap();
             let mut delays = Vec::new();
             for _ in 0..6 {
@@ -329,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn bookkeeping_is_bounded_and_overflowing_addresses_share_a_slot() {
+    fn bookkeeping_is_bounded_and_overflow_never_locks_out_a_new_peer() {
         let a = auth(AuthMode::Token, Some("s"), 5);
         for i in 0..(MAX_TRACKED as u32 + 3000) {
             let peer = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
@@ -337,11 +381,57 @@ mod tests {
         }
         assert!(a.tracked() <= MAX_TRACKED + 1, "{}", a.tracked());
         // The 3000 addresses past the bound share the overflow slot, which
-        // is now over the limit; tracked addresses are judged on their own.
+        // is over the limit: that throttles wrong secrets there but never
+        // refuses a fresh address up front, and its correct secret passes.
         let late = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000));
-        assert!(a.rate_limited(late).is_some());
+        assert!(a.rate_limited(late).is_none());
+        assert!(a.check(late, Some(&offer(Some("s"), None))).is_ok());
+        let held = a.check(late, None).unwrap_err().delay;
+        assert!(held > Duration::ZERO && held <= THROTTLE_MAX, "{held:?}");
+        // Tracked addresses are judged on their own.
         let early = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000));
         assert!(a.rate_limited(early).is_none());
+        for _ in 0..4 {
+            let _ = a.check(early, None);
+        }
+        assert!(a.rate_limited(early).is_some());
+    }
+
+    #[test]
+    fn ipv6_peers_are_keyed_by_their_64() {
+        let a = auth(AuthMode::Token, Some("s"), 3);
+        for i in 0..3u16 {
+            let peer = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, i + 1));
+            let _ = a.check(peer, None);
+        }
+        let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(a.rate_limited(same64).is_some());
+        let other64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(a.rate_limited(other64).is_none());
+    }
+
+    #[test]
+    fn retry_after_is_when_failures_really_stop_counting() {
+        let mut b = FailureBook {
+            started: Instant::now(),
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        };
+        let p: IpAddr = "10.2.2.2".parse().unwrap();
+        let t0 = b.started;
+        for _ in 0..3 {
+            b.record(p);
+        }
+        // All three in the current bucket: they count until t0 + 2 windows.
+        assert_eq!(b.retry_after(p, 3, t0), 2 * WINDOW);
+        b.rotate(t0 + WINDOW + Duration::from_secs(10));
+        assert_eq!(b.started, t0 + WINDOW, "buckets stay on the grid");
+        let now = t0 + WINDOW + Duration::from_secs(10);
+        assert_eq!(b.count(p), 3);
+        assert_eq!(b.retry_after(p, 3, now), Duration::from_secs(50));
+        // A client retrying then is no longer over the limit.
+        b.rotate(t0 + 2 * WINDOW);
+        assert_eq!(b.count(p), 0);
     }
 
     #[test]
@@ -352,11 +442,11 @@ mod tests {
             previous: HashMap::new(),
         };
         let p: IpAddr = "10.1.1.1".parse().unwrap();
-        assert_eq!(b.record(p), 1);
+        assert_eq!(b.record(p), (1, false));
         let t0 = b.started;
         b.rotate(t0 + WINDOW);
         assert_eq!(b.count(p), 1, "the previous window still counts");
-        assert_eq!(b.record(p), 2);
+        assert_eq!(b.record(p), (2, false));
         b.rotate(t0 + 3 * WINDOW);
         assert_eq!(b.count(p), 0);
         assert_eq!(b.tracked(), 0);
