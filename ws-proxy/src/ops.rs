@@ -188,7 +188,11 @@ fn config_get(s: &Shared) -> Value {
                         Value::Null
                     }
                 };
-                (true, Some(hash), redact(parsed, secret))
+                (
+                    true,
+                    Some(hash),
+                    redact_plugin_entries(redact(parsed, secret)),
+                )
             }
         },
     };
@@ -267,7 +271,7 @@ fn plugins_json(p: &gateway_core::PluginsConfig, secret: Option<&str>) -> Value 
         .map(|(id, e)| {
             (
                 id.clone(),
-                json!({"enabled": e.enabled, "config": redact(e.config.clone().unwrap_or(Value::Null), secret)}),
+                json!({"enabled": e.enabled, "config": redact_strings(redact(e.config.clone().unwrap_or(Value::Null), secret))}),
             )
         })
         .collect();
@@ -332,6 +336,56 @@ fn redact(v: Value, secret: Option<&str>) -> Value {
         }
         other => other,
     }
+}
+
+/// Replace every string, at any depth, with the redaction marker (keys,
+/// numbers and booleans are kept).
+fn redact_strings(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k, redact_strings(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(redact_strings).collect()),
+        Value::String(_) => Value::String(REDACTED.into()),
+        other => other,
+    }
+}
+
+/// Replace every value, at any depth, with the redaction marker (keys kept).
+fn redact_values(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k, redact_values(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(redact_values).collect()),
+        Value::Null => Value::Null,
+        _ => Value::String(REDACTED.into()),
+    }
+}
+
+/// A plugin entry's `env` passes credentials to the plugin's process and its
+/// `config` may hold them under any name: every value under
+/// `plugins.entries.*.env` and every string under `plugins.entries.*.config`
+/// is redacted, whatever its key is called.
+fn redact_plugin_entries(mut file: Value) -> Value {
+    if let Some(entries) = file
+        .get_mut("plugins")
+        .and_then(|p| p.get_mut("entries"))
+        .and_then(Value::as_object_mut)
+    {
+        for entry in entries.values_mut() {
+            let Some(entry) = entry.as_object_mut() else {
+                continue;
+            };
+            if let Some(env) = entry.get_mut("env") {
+                *env = redact_values(env.take());
+            }
+            if let Some(config) = entry.get_mut("config") {
+                *config = redact_strings(config.take());
+            }
+        }
+    }
+    file
 }
 
 #[derive(Deserialize)]

@@ -73,7 +73,15 @@ async fn config_get_redacts_every_secret_and_hashes_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = config_for(
         dir.path(),
-        "[auth]\ntoken = \"file-secret-token\"\n[plugins.entries.bncr]\nenabled = true\n[plugins.entries.bncr.config]\n",
+        concat!(
+            "[auth]\ntoken = \"file-secret-token\"\n",
+            "[plugins.entries.bncr]\nenabled = true\n",
+            // Credentials under names that do not look secret.
+            "[plugins.entries.bncr.env]\nOPENAI_KEY = \"sk-env-leak\"\n",
+            "DATABASE_URL = \"postgres://u:pw-leak@db/x\"\n",
+            "[plugins.entries.bncr.config]\nallowFrom = [\"list-leak\"]\nretryLimit = 3\n",
+            "echo = { prefix = \"cfg-leak\" }\n",
+        ),
     );
     let p = path.display().to_string();
     let mut s = Server::start(&["--config", &p]).await;
@@ -92,11 +100,26 @@ async fn config_get_redacts_every_secret_and_hashes_the_file() {
     assert_eq!(c["config"]["gateway"]["auth"]["mode"], "token");
     assert_eq!(c["config"]["gateway"]["port"], s.addr.port());
     assert_eq!(c["config"]["limits"]["maxInFlight"], 128);
+    // Plugin env values and config strings are redacted whatever their keys
+    // are called; keys and non-string settings stay.
+    let x = &c["file"]["plugins"]["entries"]["bncr"];
+    assert_eq!(x["env"]["OPENAI_KEY"], "__REDACTED__", "{c}");
+    assert_eq!(x["env"]["DATABASE_URL"], "__REDACTED__");
+    assert_eq!(x["config"]["echo"]["prefix"], "__REDACTED__");
+    assert_eq!(x["config"]["allowFrom"][0], "__REDACTED__");
+    assert_eq!(x["config"]["retryLimit"], 3);
+    let x = &c["config"]["plugins"]["entries"]["bncr"];
+    assert_eq!(x["config"]["echo"]["prefix"], "__REDACTED__", "{c}");
+    assert_eq!(x["config"]["allowFrom"][0], "__REDACTED__");
+    assert_eq!(x["config"]["retryLimit"], 3);
     let text = res.to_string();
     assert!(
         !text.contains("file-secret-token") && !text.contains(TOKEN),
         "{text}"
     );
+    for leak in ["sk-env-leak", "pw-leak", "cfg-leak", "list-leak"] {
+        assert!(!text.contains(leak), "{leak} leaked: {text}");
+    }
 
     // An edit shows at once: new hash, and a broken file is reported.
     std::fs::write(&path, "[plugins]\ndirs = 7\n").unwrap();
