@@ -345,6 +345,11 @@ impl Gateway {
     /// gateway is stopping.
     pub fn admit(&self) -> Result<Admitted, RpcError> {
         loop {
+            // Once shutdown began, nothing new is admitted, even while
+            // shutdown still waits for a running restart.
+            if self.is_closing() {
+                return Err(closing_error());
+            }
             // A guard, not a clone: the only reference count taken is the
             // one the admitted request keeps.
             let scope = self.inner.current.load();
@@ -400,6 +405,11 @@ impl Gateway {
             };
             if let Err(e) = RestartScope::authorize(entry, &ctx) {
                 return (generation, Err(e));
+            }
+            // Once shutdown began, nothing new is admitted, even while
+            // shutdown still waits for a running restart.
+            if self.is_closing() {
+                return (0, Err(closing_error()));
             }
             if entry.detached {
                 let handler = entry.spec.handler.clone();

@@ -582,3 +582,30 @@ async fn shutdown_refuses_new_requests_and_stops_services_once() {
     assert!(gw.restart().await.is_err(), "no restart after shutdown");
     assert_eq!(h.probe.stops.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn shutdown_refuses_new_requests_while_it_waits_for_a_running_restart() {
+    let h = harness(config_with(&[("probe", json!({}))]), vec![]).await;
+    let gw = h.gateway.clone();
+    // Generation 2's service takes 800 ms to start, which keeps the restart
+    // running while shutdown waits for it.
+    h.config
+        .set(config_with(&[("probe", json!({"startDelayMs": 800}))]));
+    let restart = tokio::spawn({
+        let gw = gw.clone();
+        async move { gw.restart().await }
+    });
+    assert!(eventually(Duration::from_secs(2), || gw.current().generation() == 2).await);
+    let stop = tokio::spawn({
+        let gw = gw.clone();
+        async move { gw.shutdown(Some(Duration::from_secs(2))).await }
+    });
+    assert!(eventually(Duration::from_secs(2), || gw.is_closing()).await);
+    assert!(!restart.is_finished(), "the restart is still running");
+    let err = call(&gw, "health", json!({})).await.unwrap_err();
+    assert_eq!(err.details.unwrap()["reason"], "gateway-closing");
+    let err = gw.admit().err().expect("admit refuses once closing");
+    assert_eq!(err.details.unwrap()["reason"], "gateway-closing");
+    let _ = restart.await.unwrap();
+    stop.await.unwrap();
+}
