@@ -3,8 +3,11 @@
 //!
 //! - [`Gate`]: caps on open connections in total, before auth and per peer
 //!   address. A [`Permit`] lives as long as its connection; at the pending
-//!   caps the oldest unauthenticated connection is evicted, so half-sent
-//!   requests cannot lock a real client out.
+//!   caps an unauthenticated connection is evicted, so half-sent requests
+//!   cannot lock a real client out: at a peer's own cap that peer's oldest,
+//!   at a global cap the oldest of the peer (an IPv6 peer counted by its
+//!   /64) holding the most pending connections, so that a few addresses
+//!   churning connections evict only their own.
 //! - [`Activity`] and [`idle`]: the HTTP stage's idle timeout.
 //! - [`WriteMeter`]: sees how many bytes the WebSocket layer holds unwritten
 //!   (pongs and close frames included) so they count toward the
@@ -221,6 +224,28 @@ impl GateState {
         true
     }
 
+    /// At a global cap: evict the oldest unauthenticated connection of the
+    /// peer (IPv6 by /64) that holds the most of them; ties go to the peer
+    /// whose oldest connection is oldest.
+    fn evict_from_largest_peer(&mut self) -> bool {
+        let mut groups: HashMap<IpAddr, usize> = HashMap::new();
+        for (p, n) in &self.pending_per_peer {
+            *groups.entry(crate::auth::peer_key(*p)).or_insert(0) += n;
+        }
+        let Some(most) = groups.values().copied().max() else {
+            return false;
+        };
+        let id = self
+            .pending
+            .iter()
+            .find(|(_, (p, _))| groups.get(&crate::auth::peer_key(*p)) == Some(&most))
+            .map(|(id, (_, token))| {
+                token.cancel();
+                *id
+            });
+        id.is_some_and(|id| self.unpend(id))
+    }
+
     /// Evict the oldest unauthenticated connection (of `peer`, if given).
     fn evict_oldest(&mut self, peer: Option<IpAddr>) -> bool {
         let id = self
@@ -279,7 +304,7 @@ impl Gate {
             return Err(Refused::PerPeer);
         }
         if s.total >= self.caps.total {
-            if s.total >= self.caps.total + EVICTION_SLACK || !s.evict_oldest(None) {
+            if s.total >= self.caps.total + EVICTION_SLACK || !s.evict_from_largest_peer() {
                 m.count(&m.refused_max_connections);
                 return Err(Refused::MaxConnections);
             }
@@ -290,7 +315,7 @@ impl Gate {
         {
             m.count(&m.evicted_pending_per_peer);
         }
-        if s.pending.len() >= self.caps.pending && s.evict_oldest(None) {
+        if s.pending.len() >= self.caps.pending && s.evict_from_largest_peer() {
             m.count(&m.evicted_max_pending);
         }
         s.next += 1;
@@ -314,7 +339,7 @@ impl Gate {
     /// File descriptors ran out: close the oldest unauthenticated connection.
     pub(crate) fn shed_for_fds(&self) {
         let mut s = self.state();
-        if s.evict_oldest(None) {
+        if s.evict_from_largest_peer() {
             self.metrics.count(&self.metrics.evicted_fd_limit);
         }
         self.publish(&s);
@@ -692,6 +717,32 @@ mod tests {
         drop(p);
         assert_eq!(g.counts(), (1, 1));
         assert_eq!(g.metrics.evicted_max_pending.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_pending_cap_evicts_from_the_peer_holding_the_most() {
+        let g = gate(100, 6, 100, 100);
+        let victim = g.admit(ip("10.0.0.9")).unwrap();
+        // Two addresses in one IPv6 /64 count as one peer.
+        let a: Vec<_> = (0..3)
+            .map(|i| g.admit(ip(&format!("2001:db8:0:1::{}", i + 1))).unwrap())
+            .collect();
+        let b = g.admit(ip("10.0.0.7")).unwrap();
+        let b2 = g.admit(ip("10.0.0.7")).unwrap();
+        assert_eq!(g.counts(), (6, 6));
+        let new = g.admit(ip("2001:db8:0:1::ff")).unwrap();
+        assert!(a[0].evicted().is_cancelled(), "the /64's oldest goes");
+        assert!(!victim.evicted().is_cancelled(), "not the globally oldest");
+        assert!(!b.evicted().is_cancelled() && !b2.evicted().is_cancelled());
+        assert!(!new.evicted().is_cancelled());
+        // Churning from the /64 keeps evicting only its own.
+        let churn: Vec<_> = (0..5)
+            .map(|_| g.admit(ip("2001:db8:0:1::77")).unwrap())
+            .collect();
+        assert!(!churn[4].evicted().is_cancelled());
+        assert!(!victim.evicted().is_cancelled());
+        assert!(!b.evicted().is_cancelled() && !b2.evicted().is_cancelled());
+        assert_eq!(g.metrics.evicted_max_pending.load(Ordering::Relaxed), 6);
     }
 
     #[test]
