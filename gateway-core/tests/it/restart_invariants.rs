@@ -604,7 +604,9 @@ async fn shutdown_refuses_new_requests_while_it_waits_for_a_running_restart() {
     assert!(!restart.is_finished(), "the restart is still running");
     let err = call(&gw, "health", json!({})).await.unwrap_err();
     assert_eq!(err.details.unwrap()["reason"], "gateway-closing");
-    let err = gw.admit().err().expect("admit refuses once closing");
+    let Err(err) = gw.admit() else {
+        panic!("admit refuses once closing")
+    };
     assert_eq!(err.details.unwrap()["reason"], "gateway-closing");
     let _ = restart.await.unwrap();
     stop.await.unwrap();
