@@ -95,6 +95,10 @@ pub struct Config {
     /// How often inbound messages no operator has received yet are offered
     /// again (besides whenever an operator connects).
     pub inbound_retry_ms: u64,
+    /// Most accepted inbound messages no operator has received yet; one
+    /// more is answered `accepted: false, reason: "inbound-full"` and not
+    /// journaled.
+    pub max_inbound_pending: usize,
 }
 
 impl Default for Config {
@@ -123,6 +127,7 @@ impl Default for Config {
             file_max_chunks: 4096,
             inbound_grace_ms: 1000,
             inbound_retry_ms: 5000,
+            max_inbound_pending: 1000,
         }
     }
 }
@@ -150,6 +155,7 @@ impl Config {
             ("fileMinChunkBytes", cfg.file_min_chunk_bytes),
             ("fileMaxChunks", cfg.file_max_chunks),
             ("inboundRetryMs", cfg.inbound_retry_ms),
+            ("maxInboundPending", cfg.max_inbound_pending as u64),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -215,7 +221,8 @@ pub fn schema() -> Value {
             "fileMinChunkBytes": {"type": "integer", "minimum": 1, "maximum": 4194304, "default": 16384},
             "fileMaxChunks": {"type": "integer", "minimum": 1, "default": 4096},
             "inboundGraceMs": {"type": "integer", "minimum": 0, "default": 1000},
-            "inboundRetryMs": {"type": "integer", "minimum": 1, "default": 5000}
+            "inboundRetryMs": {"type": "integer", "minimum": 1, "default": 5000},
+            "maxInboundPending": {"type": "integer", "minimum": 1, "default": 1000}
         }
     })
 }

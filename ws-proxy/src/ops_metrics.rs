@@ -414,6 +414,7 @@ fn render_bncr(out: &mut String, gateway: &Gateway) {
         ("maxTransfers", n("transfersRefused")),
         ("transferTtlMs", n("transfersExpired")),
         ("fileChunking", n("chunkingRefused")),
+        ("maxInboundPending", n("inboundRefused")),
     ] {
         let _ = writeln!(
             out,

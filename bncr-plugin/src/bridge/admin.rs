@@ -75,6 +75,7 @@ impl Bridge {
                 "fileMaxChunks": self.cfg.file_max_chunks,
                 "inboundGraceMs": self.cfg.inbound_grace_ms,
                 "inboundRetryMs": self.cfg.inbound_retry_ms,
+                "maxInboundPending": self.cfg.max_inbound_pending,
             },
             "now": now_ms(),
         }))

@@ -98,6 +98,29 @@ impl Bridge {
             user_id: route.user_id.clone(),
             msg_id: msg_id.clone(),
         };
+        // maxInboundPending: a peer must not make the pending queue (and
+        // the journal's pending rows) grow without limit. A retry of a
+        // message already pending is answered as a duplicate, not refused.
+        let reserved = {
+            let mut st = self.state();
+            if st.inbound.iter().any(|(k, _)| *k == key) {
+                return Ok(json!({
+                    "accepted": true, "duplicated": true, "accountId": account,
+                    "sessionKey": session_key, "msgId": msg_id,
+                }));
+            }
+            let max = self.cfg.max_inbound_pending;
+            if st.inbound.len() + st.inbound_reserved >= max {
+                st.counters.inbound_refused += 1;
+                drop(st);
+                tracing::warn!(limit = max, account = %account, "bncr inbound refused: maxInboundPending reached");
+                return Ok(
+                    json!({"accepted": false, "reason": "inbound-full", "accountId": account}),
+                );
+            }
+            st.inbound_reserved += 1;
+            Reservation(self)
+        };
         let (k2, p2) = (key.clone(), payload.clone());
         let fresh = store
             .call(move |c| store::journal_inbound(c, &k2, &p2, now_ms()))
@@ -109,7 +132,7 @@ impl Bridge {
                 "sessionKey": session_key, "msgId": msg_id,
             }));
         }
-        self.state().inbound.push_back((key, payload));
+        reserved.queue(key, payload);
         self.hand_on_pending().await;
         // If nobody received it, the inbound loop offers it again later.
         self.inbound_wake.notify_one();
@@ -283,5 +306,28 @@ impl Bridge {
                 () = sleep => {}
             }
         }
+    }
+}
+
+/// One `maxInboundPending` slot held by a `bncr.inbound` request until its
+/// message is queued (or the request ends, even by cancellation).
+struct Reservation<'a>(&'a Bridge);
+
+impl Reservation<'_> {
+    /// Queue the message in the slot held: one lock, so the pending count
+    /// never sees it twice or not at all.
+    fn queue(self, key: InboundKey, payload: Value) {
+        let bridge = self.0;
+        std::mem::forget(self);
+        let mut st = bridge.state();
+        st.inbound_reserved = st.inbound_reserved.saturating_sub(1);
+        st.inbound.push_back((key, payload));
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.inbound_reserved = st.inbound_reserved.saturating_sub(1);
     }
 }

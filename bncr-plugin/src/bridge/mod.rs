@@ -88,6 +88,10 @@ pub(crate) struct State {
     pub(crate) waiters: OutgoingWaiters,
     /// Journaled inbound messages no operator has received yet, oldest first.
     inbound: VecDeque<(InboundKey, Value)>,
+    /// `bncr.inbound` requests between their `maxInboundPending` check and
+    /// their message being queued in `inbound`: counted against the limit
+    /// so that concurrent requests cannot overshoot it.
+    inbound_reserved: usize,
     /// Connections known to be Bncr clients (they called a client method):
     /// never counted as operators.
     clients: HashSet<ConnId>,
@@ -116,6 +120,9 @@ pub(crate) struct Counters {
     pub(crate) inbound_handed_on: u64,
     /// Offers of an inbound message that reached no operator.
     pub(crate) inbound_unreceived_offers: u64,
+    /// `bncr.inbound` refused because `maxInboundPending` messages were
+    /// pending.
+    pub(crate) inbound_refused: u64,
 }
 
 impl State {

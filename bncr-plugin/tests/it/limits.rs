@@ -320,3 +320,53 @@ async fn the_missing_chunks_answer_is_bounded() {
     }
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_inbound_is_capped_until_an_operator_drains_it() {
+    const N: usize = 3;
+    let inbound = |id: &str| json!({"platform": "qq", "groupId": "0", "userId": "42", "msg": "hi", "msgId": id});
+    let host =
+        Host::new(json!({"maxInboundPending": N, "inboundGraceMs": 0, "inboundRetryMs": 20}));
+    host.transport.connect(1);
+    let g = host.start(1).await;
+    g.ok(1, "bncr.connect", json!({})).await;
+    // N-1, N: accepted (nobody but the Bncr client is connected).
+    for i in 0..N {
+        let r = g.ok(1, "bncr.inbound", inbound(&format!("m{i}"))).await;
+        assert_eq!(r["accepted"], true, "{r}");
+        assert_eq!(diag(&g).await["inboundPending"], i as u64 + 1);
+    }
+    // N+1 .. 5N: refused, and nothing is kept for them.
+    for i in N..5 * N {
+        let r = g.ok(1, "bncr.inbound", inbound(&format!("m{i}"))).await;
+        assert_eq!(r["accepted"], false, "{r}");
+        assert_eq!(r["reason"], "inbound-full", "{r}");
+    }
+    // A retry of a pending message is still a duplicate, not a refusal.
+    let r = g.ok(1, "bncr.inbound", inbound("m0")).await;
+    assert_eq!(r["accepted"], true, "{r}");
+    assert_eq!(r["duplicated"], true, "{r}");
+    let d = diag(&g).await;
+    assert_eq!(d["inboundPending"], N as u64, "{d}");
+    assert_eq!(d["counters"]["inboundRefused"], 4 * N as u64, "{d}");
+    g.stop().await;
+    // Nothing refused was journaled: a later generation loads exactly N.
+    let g = host.start(2).await;
+    assert_eq!(diag(&g).await["inboundPending"], N as u64);
+    let r = g.ok(1, "bncr.inbound", inbound("late")).await;
+    assert_eq!(r["reason"], "inbound-full", "{r}");
+    // An operator drains the queue: room again.
+    g.open(
+        &host.transport,
+        crate::common::operator_info(601, &["operator.write"]),
+    );
+    host.transport
+        .wait_for("drain", WAIT, |t| t.to_conn(601, "chat.inbound").len() == N)
+        .await;
+    until_counter(&g, "inboundHandedOn", N as u64).await;
+    assert_eq!(diag(&g).await["inboundPending"], 0);
+    let r = g.ok(1, "bncr.inbound", inbound("after-drain")).await;
+    assert_eq!(r["accepted"], true, "{r}");
+    assert!(r.get("duplicated").is_none(), "{r}");
+    g.stop().await;
+}
