@@ -119,11 +119,20 @@ impl Bridge {
                 );
             }
             st.inbound_reserved += 1;
-            Reservation(self)
+            Reservation(Arc::clone(&self.state), false)
         };
+        // Journal and queue in one store job: once journaled, the message is
+        // queued in memory even if this request is cancelled meanwhile (a
+        // deadline, a drain). A job that never runs releases the slot.
         let (k2, p2) = (key.clone(), payload.clone());
         let fresh = store
-            .call(move |c| store::journal_inbound(c, &k2, &p2, now_ms()))
+            .call(move |c| {
+                let fresh = store::journal_inbound(c, &k2, &p2, now_ms())?;
+                if fresh {
+                    reserved.queue(k2, p2);
+                }
+                Ok(fresh)
+            })
             .await
             .map_err(Self::store_err)?;
         if !fresh {
@@ -132,9 +141,8 @@ impl Bridge {
                 "sessionKey": session_key, "msgId": msg_id,
             }));
         }
-        reserved.queue(key, payload);
-        self.hand_on_pending().await;
-        // If nobody received it, the inbound loop offers it again later.
+        // Only the inbound loop hands on: a request that is cancelled
+        // cannot stop a hand-on pass halfway, nor wait behind a backlog.
         self.inbound_wake.notify_one();
         Ok(
             json!({"accepted": true, "accountId": account, "sessionKey": session_key, "msgId": msg_id}),
@@ -210,21 +218,32 @@ impl Bridge {
                     return;
                 }
             };
-            let echoed = self.cfg.echo.enabled && self.echo(&key, &payload).await;
-            if received == 0 && !echoed {
+            if received == 0 && !self.cfg.echo.enabled {
                 self.state().counters.inbound_unreceived_offers += 1;
                 tracing::debug!(msg_id = %key.msg_id, "bncr inbound reached no operator; kept pending");
                 return;
             }
-            // Received: never offer it again, in this generation (memory)
-            // or a later one (the journal).
+            // Taken off the queue before any await: if this pass is
+            // cancelled during the echo, operators that received it are not
+            // offered it again in this generation.
             {
                 let mut st = self.state();
                 if st.inbound.front().is_some_and(|(k, _)| *k == key) {
                     st.inbound.pop_front();
                 }
-                st.counters.inbound_handed_on += 1;
             }
+            let echoed = self.cfg.echo.enabled && self.echo(&key, &payload).await;
+            if received == 0 && !echoed {
+                let mut st = self.state();
+                st.inbound.push_front((key.clone(), payload));
+                st.counters.inbound_unreceived_offers += 1;
+                drop(st);
+                tracing::debug!(msg_id = %key.msg_id, "bncr inbound reached no operator; kept pending");
+                return;
+            }
+            // Received: never offer it again, in this generation (memory,
+            // done above) or a later one (the journal).
+            self.state().counters.inbound_handed_on += 1;
             tracing::debug!(msg_id = %key.msg_id, operators = received, echoed, "bncr inbound handed on");
             let marked = match self.store() {
                 Ok(store) => {
@@ -311,23 +330,25 @@ impl Bridge {
 
 /// One `maxInboundPending` slot held by a `bncr.inbound` request until its
 /// message is queued (or the request ends, even by cancellation).
-struct Reservation<'a>(&'a Bridge);
+struct Reservation(Arc<Mutex<State>>, bool);
 
-impl Reservation<'_> {
+impl Reservation {
     /// Queue the message in the slot held: one lock, so the pending count
     /// never sees it twice or not at all.
-    fn queue(self, key: InboundKey, payload: Value) {
-        let bridge = self.0;
-        std::mem::forget(self);
-        let mut st = bridge.state();
+    fn queue(mut self, key: InboundKey, payload: Value) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
         st.inbound_reserved = st.inbound_reserved.saturating_sub(1);
         st.inbound.push_back((key, payload));
+        self.1 = true;
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut st = self.0.state();
+        if self.1 {
+            return;
+        }
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
         st.inbound_reserved = st.inbound_reserved.saturating_sub(1);
     }
 }

@@ -83,6 +83,12 @@ async fn accepted_with_no_operator_then_an_operator_connects_and_gets_it_once() 
     // new message goes to both operators at once.
     g.open(&host.transport, operator_info(602, &["operator.write"]));
     g.ok(BNCR, "bncr.inbound", inbound("d")).await;
+    // Handed on by the inbound loop, which the request wakes.
+    host.transport
+        .wait_for("hand-on of d", WAIT, |t| {
+            t.to_conn(601, "chat.inbound").len() == 4 && t.to_conn(602, "chat.inbound").len() == 1
+        })
+        .await;
     assert_eq!(received(&host, 601), ["a", "b", "c", "d"]);
     assert_eq!(received(&host, 602), ["d"]);
     g.stop().await;
@@ -153,7 +159,16 @@ async fn the_echo_responder_counts_as_a_receiver() {
     let g = host.start(1).await;
     g.ok(BNCR, "bncr.connect", json!({})).await;
     g.ok(BNCR, "bncr.inbound", inbound("e-1")).await;
-    let d = diag(&g).await;
+    // Handed on by the inbound loop, which the request wakes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        let d = diag(&g).await;
+        if d["counters"]["inboundHandedOn"] == 1 || tokio::time::Instant::now() > deadline {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(d["counters"]["inboundHandedOn"], 1, "{d}");
     assert_eq!(
         (d["inboundPending"].as_u64(), d["outbox"].as_u64()),
         (Some(0), Some(1)),
