@@ -54,6 +54,13 @@ async fn connect_inbound_send_push_ack() {
     let r = g.ok(1, "bncr.inbound", inbound).await;
     assert_eq!(r["accepted"], true);
     assert_eq!(r["msgId"], "in-1");
+    // Hand-on to operators runs in the bridge's inbound loop, after the
+    // journaled `accepted: true`.
+    host.transport
+        .wait_for("chat.inbound", Duration::from_secs(5), |t| {
+            !t.named("chat.inbound").is_empty()
+        })
+        .await;
     let ev = host.transport.named("chat.inbound");
     assert_eq!(ev.len(), 1, "the operator, not the Bncr client: {ev:?}");
     assert_eq!(ev[0].conn, Some(OP));
@@ -508,6 +515,11 @@ async fn policies_refuse_and_echo_replies_through_the_outbox() {
     let push = host.transport.named("plugin.bncr.push").remove(0).payload;
     assert_eq!(push["message"]["msg"], "> ping");
     assert_eq!(push["message"]["userId"], "7");
+    host.transport
+        .wait_for("chat.inbound", Duration::from_secs(5), |t| {
+            !t.to_conn(OP, "chat.inbound").is_empty()
+        })
+        .await;
     assert_eq!(host.transport.to_conn(OP, "chat.inbound").len(), 1);
     assert!(host.transport.to_conn(1, "chat.inbound").is_empty());
     g.stop().await;

@@ -94,6 +94,13 @@ async fn duplicate_msg_id_is_deduped_across_a_swap() {
     assert_eq!(r["accepted"], true);
     assert_eq!(r["duplicated"], true);
     assert_eq!(r["msgId"], "m-1");
+    // Handed on once: by generation 1's inbound loop, or by generation 2's
+    // at start if generation 1 stopped first; never twice.
+    host.transport
+        .wait_for("chat.inbound", Duration::from_secs(5), |t| {
+            !t.named("chat.inbound").is_empty()
+        })
+        .await;
     assert_eq!(host.transport.named("chat.inbound").len(), 1);
     // Another account with the same route and msgId is a different message.
     let r = g2
