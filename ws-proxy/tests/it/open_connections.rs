@@ -51,15 +51,6 @@ fn req(id: &str, method: &str, params: Value) -> Value {
     json!({"type":"req","id":id,"method":method,"params":params})
 }
 
-fn methods_of(features: &Value) -> BTreeSet<String> {
-    features["methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap().to_string())
-        .collect()
-}
-
 /// One connection as its client sees it, checked frame by frame in arrival
 /// order: `seq` counts events without gaps, `gateway.generation` only moves
 /// forward, no response of a generation the connection was not told of yet

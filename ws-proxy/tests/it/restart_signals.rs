@@ -9,15 +9,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
 
-fn methods_of(features: &Value) -> BTreeSet<String> {
-    features["methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap().to_string())
-        .collect()
-}
-
 async fn metric_of(addr: std::net::SocketAddr, key: &str) -> Option<f64> {
     let (_, _, body) = http(addr, "GET", "/metrics").await;
     metric(&body, key)

@@ -91,15 +91,6 @@ async fn start(dir: tempfile::TempDir, extra: &str) -> Proc {
     Proc::start_in(dir, &["--config".into(), config.display().to_string()]).await
 }
 
-fn methods_of(features: &Value) -> BTreeSet<String> {
-    features["methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap().to_string())
-        .collect()
-}
-
 fn plugin_status<'a>(status: &'a Value, id: &str) -> &'a Value {
     status["payload"]["plugins"]
         .as_array()

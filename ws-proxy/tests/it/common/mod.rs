@@ -483,3 +483,13 @@ pub async fn run_binary(args: &[&str], cwd: Option<&PathBuf>) -> (i32, String, S
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// The method names of a `features` object (hello-ok's or `gateway.generation`'s).
+pub fn methods_of(features: &Value) -> std::collections::BTreeSet<String> {
+    features["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect()
+}
