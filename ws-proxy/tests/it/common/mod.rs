@@ -377,9 +377,42 @@ impl Proc {
         Proc::spawn(dir, &all).await
     }
 
+    /// [`Proc::start_in`] for a gateway whose file access file modes bind.
+    /// As root (CI runs as root, and modes do not bind root), the binary is
+    /// copied into `dir`, `dir` is handed to `nobody`, and the gateway runs
+    /// as `nobody`; as any other user it runs as that user.
+    pub async fn start_unprivileged_in(dir: tempfile::TempDir, args: &[String]) -> Proc {
+        let mut all: Vec<String> =
+            vec!["--port".into(), "0".into(), "--token".into(), TOKEN.into()];
+        all.push("--state-dir".into());
+        all.push(dir.path().join("state").display().to_string());
+        all.extend(args.iter().cloned());
+        if !nix::unistd::geteuid().is_root() {
+            return Proc::spawn(dir, &all).await;
+        }
+        const NOBODY: u32 = 65534;
+        let program = dir.path().join("ws-proxy");
+        std::fs::copy(env!("CARGO_BIN_EXE_ws-proxy"), &program).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            std::os::unix::fs::chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.uid(NOBODY).gid(NOBODY);
+        Proc::spawn_command(cmd, dir, &all).await
+    }
+
     /// Start the binary with exactly `args`, in `dir` as working directory.
     pub async fn spawn(dir: tempfile::TempDir, args: &[String]) -> Proc {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-proxy"));
+        let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-proxy"));
+        Proc::spawn_command(cmd, dir, args).await
+    }
+
+    async fn spawn_command(
+        mut cmd: tokio::process::Command,
+        dir: tempfile::TempDir,
+        args: &[String],
+    ) -> Proc {
         cmd.args(args)
             .current_dir(dir.path())
             .env_remove("GATEWAY_TOKEN")
