@@ -1,7 +1,7 @@
 //! The core plugin present in every generation: `health`, `status`,
 //! `gateway.restart` and `send`.
 
-use crate::gateway::{GatewayStats, RestartOutcome, RestartRecord, unix_ms};
+use crate::report::{GatewayStats, RestartOutcome, RestartRecord, unix_ms};
 use crate::scope::{PluginPhase, RestartScope, ScopeSlot};
 use futures::future::BoxFuture;
 use plugin_api::{

@@ -21,6 +21,7 @@ mod loader;
 mod panic;
 mod policy;
 mod registry;
+mod report;
 mod runtime;
 mod scope;
 mod strict;
@@ -33,11 +34,7 @@ pub use config::{
 };
 pub use core_plugin::{CORE_EVENTS, CORE_PLUGIN_ID};
 pub use frame::Features;
-pub use gateway::{
-    Gateway, GatewayOptions, GatewayStats, HandoverKind, PluginHandover, PluginReport,
-    RESTART_HISTORY_LEN, RestartFailure, RestartOutcome, RestartPhases, RestartRecord,
-    RestartReport,
-};
+pub use gateway::{Gateway, GatewayOptions};
 pub use loader::{
     BuildError, Catalog, LoadedPlugin, LoaderCache, MANIFEST_FILE, Manifest, ManifestHandler,
     ManifestMethod, ManifestRuntime, PluginKind, PluginSource,
@@ -46,5 +43,9 @@ pub use plugin_host::{ProcessState, ProcessStatus};
 pub use registry::{
     ADMIN_PREFIXES, CORE_METHODS, ChannelEntry, HANDSHAKE_METHODS, MethodEntry, PluginIndex,
     READ_EXCEPTIONS, Registry, RegistryBuilder, RegistryError,
+};
+pub use report::{
+    GatewayStats, HandoverKind, PluginHandover, PluginReport, RESTART_HISTORY_LEN, RestartFailure,
+    RestartOutcome, RestartPhases, RestartRecord, RestartReport,
 };
 pub use scope::{Admitted, PluginPhase, RestartScope, ShutdownReport};

@@ -10,7 +10,7 @@ use crate::config::{ConfigError, ConfigOrigin, GatewayConfig};
 use crate::policy::HostPolicy;
 use plugin_api::{
     EventTransport, LifeController, Params, Plugin, PluginContext, PluginError, PluginFactory,
-    Registrar, RpcError, ScopeLife, scope,
+    Registrar, RpcError, ScopeLife,
 };
 use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
@@ -598,7 +598,8 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
     let m = Arc::new(manifest);
     let create_m = m.clone();
     let (kind, runtime) = match launch {
-        Some(l) => (l.kind(), RuntimeSlot::Launch(l)),
+        Some(l) if l.is_node() => (PluginKind::Node, RuntimeSlot::Launch(l)),
+        Some(l) => (PluginKind::Command, RuntimeSlot::Launch(l)),
         None => (PluginKind::Manifest, RuntimeSlot::None),
     };
     // A runtime plugin serves what its process declares; until `prepare`
@@ -621,23 +622,6 @@ fn manifest_candidate(path: &Path) -> Result<Option<Candidate>, BuildError> {
         kind,
         runtime,
     }))
-}
-
-/// Start declaring method `name` with a manifest-style scope (absent:
-/// `operator.admin`; `"none"`: no scope) and advertise flag.
-pub(crate) fn declare_method<'r>(
-    r: &'r mut Registrar,
-    name: &str,
-    scope: Option<&str>,
-    advertise: bool,
-) -> plugin_api::MethodBuilder<'r> {
-    let b = r.method(name);
-    let b = match scope {
-        None => b.scope(scope::ADMIN),
-        Some("none") => b.no_scope(),
-        Some(s) => b.scope(s),
-    };
-    if advertise { b } else { b.hidden() }
 }
 
 fn check_unique_ids(candidates: &[Candidate]) -> Result<(), BuildError> {
@@ -738,7 +722,7 @@ impl Plugin for DeclarativePlugin {
             r.event(e.clone());
         }
         for m in &self.manifest.methods {
-            let b = declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
+            let b = crate::registry::declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
             let name = m.name.clone();
             let reply = self
                 .replies

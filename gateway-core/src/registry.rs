@@ -7,8 +7,8 @@
 use crate::frame::Features;
 use crate::policy::HostPolicy;
 use plugin_api::{
-    Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations, HealthCheck, MethodSpec,
-    RequiredScope, scope,
+    Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations, HealthCheck, MethodBuilder,
+    MethodSpec, Registrar, RequestContext, RequiredScope, Role, RpcError, scope,
 };
 use rustc_hash::FxHashMap;
 use std::fmt;
@@ -43,6 +43,41 @@ pub struct MethodEntry {
     /// Runs outside the scope's admission (only the core `gateway.restart`,
     /// which waits for the very drain it would otherwise block).
     pub(crate) detached: bool,
+}
+
+impl MethodEntry {
+    /// Check the caller's role and scopes against this method.
+    pub(crate) fn authorize(&self, ctx: &RequestContext) -> Result<(), RpcError> {
+        let spec = &self.spec;
+        // A node may call node-only and scope-free methods, an operator
+        // anything but node-only ones; either way the scope check follows (a
+        // node-only `config.*` method needs operator.admin like any other).
+        if ctx.role() == Role::Node {
+            if !spec.node_only && spec.scope != RequiredScope::None {
+                return Err(RpcError::forbidden(format!(
+                    "method {} is not available to node connections",
+                    spec.name
+                ))
+                .with_details(serde_json::json!({"code": "ROLE_NOT_ALLOWED", "role": "node"})));
+            }
+        } else if spec.node_only {
+            return Err(RpcError::forbidden(format!(
+                "method {} requires the node role",
+                spec.name
+            ))
+            .with_details(serde_json::json!({"code": "NODE_ROLE_REQUIRED"})));
+        }
+        match &spec.scope {
+            RequiredScope::None => Ok(()),
+            RequiredScope::Scope(s) if ctx.scopes().allows(s) => Ok(()),
+            RequiredScope::Scope(s) => Err(RpcError::forbidden(format!("missing scope: {s}"))
+                .with_details(serde_json::json!({
+                    "code": "MISSING_SCOPE",
+                    "missingScope": s,
+                    "requiredScopes": [s],
+                }))),
+        }
+    }
 }
 
 /// A channel the core `send` method can route to.
@@ -428,6 +463,23 @@ impl RegistryBuilder {
     }
 }
 
+/// Start declaring method `name` with a manifest-style scope (absent:
+/// `operator.admin`; `"none"`: no scope) and advertise flag.
+pub(crate) fn declare_method<'r>(
+    r: &'r mut Registrar,
+    name: &str,
+    scope: Option<&str>,
+    advertise: bool,
+) -> MethodBuilder<'r> {
+    let b = r.method(name);
+    let b = match scope {
+        None => b.scope(scope::ADMIN),
+        Some("none") => b.no_scope(),
+        Some(s) => b.scope(s),
+    };
+    if advertise { b } else { b.hidden() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,7 +655,9 @@ mod tests {
             }))
         };
         let check = |m: &str, c: &RequestContext| {
-            crate::scope::RestartScope::authorize(reg.get(m).unwrap(), c)
+            reg.get(m)
+                .unwrap()
+                .authorize(c)
                 .map_err(|e| e.details_code().unwrap_or("").to_string())
         };
         let node = ctx(Role::Node, &[]);

@@ -3,7 +3,6 @@
 //! process declared into registry entries that forward to it.
 
 use crate::config::GatewayConfig;
-use crate::loader::PluginKind;
 use plugin_api::{BoxFuture, CreateFn, Plugin, PluginContext, Registrar, Service, Value};
 use plugin_host::{Limits, RuntimePlugin, SpawnSpec, node};
 use std::ffi::OsString;
@@ -75,11 +74,9 @@ impl Launch {
         }
     }
 
-    pub(crate) fn kind(&self) -> PluginKind {
-        match self.what {
-            LaunchKind::Command(_) => PluginKind::Command,
-            LaunchKind::Node(_) | LaunchKind::BrokenNode(_) => PluginKind::Node,
-        }
+    /// Whether it runs under Node.js (a command plugin otherwise).
+    pub(crate) fn is_node(&self) -> bool {
+        matches!(self.what, LaunchKind::Node(_) | LaunchKind::BrokenNode(_))
     }
 
     /// Hash of the code that will run.
@@ -202,7 +199,7 @@ impl Plugin for ProcessPlugin {
             r.event(e.clone());
         }
         for m in &decl.methods {
-            let b = crate::loader::declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
+            let b = crate::registry::declare_method(r, &m.name, m.scope.as_deref(), m.advertise);
             let rt = rt.clone();
             let name: Arc<str> = m.name.as_str().into();
             b.handler(move |ctx, params| {

@@ -8,15 +8,14 @@
 //! services stop, and only then do its new services start. A slow request of
 //! one plugin never holds up another plugin's hand-over.
 
-use crate::config::{RequestsConfig, RestartConfig};
+use crate::config::{GatewayConfig, RequestsConfig, RestartConfig};
 use crate::frame::Features;
-use crate::loader::{LoadContext, LoaderCache};
+use crate::loader::{BuildError, Catalog, LoadContext, LoaderCache};
 use crate::panic;
 use crate::registry::{MethodEntry, PluginIndex, Registry, RegistryBuilder};
-use crate::{BuildError, Catalog, GatewayConfig};
 use plugin_api::{
     EventTransport, Handler, LifeController, MethodResult, Params, PluginFactory, Registrar,
-    RequestContext, RequiredScope, Role, RpcError, Service,
+    RequestContext, RpcError, Service,
 };
 use std::fmt;
 use std::path::Path;
@@ -496,39 +495,6 @@ impl RestartScope {
     /// Admit nothing new from now on.
     pub(crate) fn close_admission(&self) {
         self.admission.open.store(false, Ordering::SeqCst);
-    }
-
-    /// Check role and scope for calling `entry`.
-    pub(crate) fn authorize(entry: &MethodEntry, ctx: &RequestContext) -> Result<(), RpcError> {
-        let spec = &entry.spec;
-        // A node may call node-only and scope-free methods, an operator
-        // anything but node-only ones; either way the scope check follows (a
-        // node-only `config.*` method needs operator.admin like any other).
-        if ctx.role() == Role::Node {
-            if !spec.node_only && spec.scope != RequiredScope::None {
-                return Err(RpcError::forbidden(format!(
-                    "method {} is not available to node connections",
-                    spec.name
-                ))
-                .with_details(serde_json::json!({"code": "ROLE_NOT_ALLOWED", "role": "node"})));
-            }
-        } else if spec.node_only {
-            return Err(RpcError::forbidden(format!(
-                "method {} requires the node role",
-                spec.name
-            ))
-            .with_details(serde_json::json!({"code": "NODE_ROLE_REQUIRED"})));
-        }
-        match &spec.scope {
-            RequiredScope::None => Ok(()),
-            RequiredScope::Scope(s) if ctx.scopes().allows(s) => Ok(()),
-            RequiredScope::Scope(s) => Err(RpcError::forbidden(format!("missing scope: {s}"))
-                .with_details(serde_json::json!({
-                    "code": "MISSING_SCOPE",
-                    "missingScope": s,
-                    "requiredScopes": [s],
-                }))),
-        }
     }
 
     /// The answer for a request this generation cancels: retryable

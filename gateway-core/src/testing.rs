@@ -34,8 +34,9 @@
 //! ```
 
 use crate::config::{GatewayConfig, StaticConfig};
-use crate::gateway::{Gateway, GatewayOptions, RestartOutcome};
+use crate::gateway::{Gateway, GatewayOptions};
 use crate::loader::{BuildError, Catalog};
+use crate::report::RestartOutcome;
 use crate::scope::ShutdownReport;
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, EventTransport, MethodResult, OutboundEvent, Params,

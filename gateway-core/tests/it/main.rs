@@ -6,6 +6,7 @@
 mod common;
 
 mod handover;
+mod layers;
 mod plugin_signals;
 mod restart_invariants;
 mod restart_scenarios;
