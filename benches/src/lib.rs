@@ -77,9 +77,9 @@ impl BenchPlugin {
 
     /// What the plugin declares, as the host would collect it.
     pub fn declarations(&self) -> Declarations {
-        let mut r = Registrar::new(&self.id);
+        let mut r = plugin_api::host::registrar(&self.id);
         self.register(&mut r);
-        r.into_declarations()
+        plugin_api::host::declarations(r)
     }
 }
 

@@ -347,7 +347,7 @@ impl Channel for BncrChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::{NullTransport, RequiredScope, ScopeLife};
+    use plugin_api::{NullTransport, RequiredScope};
 
     #[test]
     fn factory_declares_the_contract_without_side_effects() {
@@ -358,7 +358,7 @@ mod tests {
         );
         assert!(f.config_schema.is_some());
         let dir = std::env::temp_dir().join("bncr-register-purity-does-not-exist");
-        let (life, _ctl) = ScopeLife::new(1);
+        let (life, _ctl) = plugin_api::host::scope_life(1);
         let ctx = PluginContext {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),
@@ -367,9 +367,9 @@ mod tests {
             life,
         };
         let plugin = (f.create)(ctx).unwrap();
-        let mut r = Registrar::new("bncr");
+        let mut r = plugin_api::host::registrar("bncr");
         plugin.register(&mut r);
-        let d = r.into_declarations();
+        let d = plugin_api::host::declarations(r);
         let names: Vec<&str> = d.methods.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, METHODS);
         for m in &d.methods {
@@ -394,7 +394,7 @@ mod tests {
     }
 
     fn ctx_clone_for_error() -> PluginContext {
-        let (life, _ctl) = ScopeLife::new(2);
+        let (life, _ctl) = plugin_api::host::scope_life(2);
         PluginContext {
             plugin_id: "bncr".into(),
             config: serde_json::json!({}),

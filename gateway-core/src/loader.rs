@@ -8,9 +8,9 @@
 
 use crate::config::{ConfigError, ConfigOrigin, GatewayConfig};
 use crate::policy::HostPolicy;
+use plugin_api::host::LifeController;
 use plugin_api::{
-    EventTransport, LifeController, Params, Plugin, PluginContext, PluginError, PluginFactory,
-    Registrar, RpcError, ScopeLife,
+    EventTransport, Params, Plugin, PluginContext, PluginError, PluginFactory, Registrar, RpcError,
 };
 use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
@@ -361,7 +361,7 @@ pub(crate) fn load(
         }
         let config = plugin_config(cx.config, &c)?;
         let code_hash = content_hash(&c.identity, &config);
-        let (life, controller) = ScopeLife::new(cx.generation);
+        let (life, controller) = plugin_api::host::scope_life(cx.generation);
         let (sink, declarer) =
             plugin_api::host::event_sink(&c.id, life.clone(), cx.transport.clone());
         let (runtime, start_error) = match &c.runtime {

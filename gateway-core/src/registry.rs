@@ -483,14 +483,14 @@ pub(crate) fn declare_method<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::{Registrar, Value};
+    use plugin_api::Value;
 
     fn decl(plugin: &str, methods: &[&str]) -> Declarations {
-        let mut r = Registrar::new(plugin);
+        let mut r = plugin_api::host::registrar(plugin);
         for m in methods {
             r.method(*m).sync(|_, _| Ok(Value::Null));
         }
-        r.into_declarations()
+        plugin_api::host::declarations(r)
     }
 
     #[test]
@@ -538,7 +538,7 @@ mod tests {
 
     #[test]
     fn reserved_prefixes_need_admin() {
-        let mut r = Registrar::new("p");
+        let mut r = plugin_api::host::registrar("p");
         r.method("config.set")
             .scope(scope::READ)
             .sync(|_, _| Ok(Value::Null));
@@ -553,7 +553,8 @@ mod tests {
             .no_scope()
             .sync(|_, _| Ok(Value::Null));
         let mut b = RegistryBuilder::new();
-        b.add_plugin("p", r.into_declarations()).unwrap();
+        b.add_plugin("p", plugin_api::host::declarations(r))
+            .unwrap();
         let reg = b.build();
         for m in ["config.set", "wizard.run"] {
             assert_eq!(reg.get(m).unwrap().spec.scope.as_str(), Some(scope::ADMIN));
@@ -570,13 +571,14 @@ mod tests {
 
     #[test]
     fn advertised_list_is_derived_from_the_dispatch_map() {
-        let mut r = Registrar::new("p");
+        let mut r = plugin_api::host::registrar("p");
         r.method("p.b").sync(|_, _| Ok(Value::Null));
         r.method("p.a").sync(|_, _| Ok(Value::Null));
         r.method("p.hidden").hidden().sync(|_, _| Ok(Value::Null));
         r.event("plugin.p.e");
         let mut b = RegistryBuilder::new();
-        b.add_plugin("p", r.into_declarations()).unwrap();
+        b.add_plugin("p", plugin_api::host::declarations(r))
+            .unwrap();
         let reg = b.build();
         assert_eq!(
             &*reg.features().methods,
@@ -594,10 +596,10 @@ mod tests {
     #[test]
     fn plugins_cannot_declare_host_events_and_chat_needs_a_channel() {
         for name in plugin_api::RESERVED_EVENTS.iter().chain(&["chat.inbound"]) {
-            let mut r = Registrar::new("evil");
+            let mut r = plugin_api::host::registrar("evil");
             r.event(*name);
             let err = RegistryBuilder::new()
-                .add_plugin("evil", r.into_declarations())
+                .add_plugin("evil", plugin_api::host::declarations(r))
                 .unwrap_err();
             assert_eq!(
                 err,
@@ -618,11 +620,11 @@ mod tests {
                 Box::pin(async { Err(plugin_api::RpcError::unavailable("nowhere")) })
             }
         }
-        let mut r = Registrar::new("bridge");
+        let mut r = plugin_api::host::registrar("bridge");
         r.event("chat.inbound").channel("bridge", Arc::new(Nowhere));
         assert!(
             RegistryBuilder::new()
-                .add_plugin("bridge", r.into_declarations())
+                .add_plugin("bridge", plugin_api::host::declarations(r))
                 .is_ok()
         );
     }
@@ -630,7 +632,7 @@ mod tests {
     #[test]
     fn node_only_methods_keep_their_scope_check() {
         use plugin_api::{ClientInfo, ConnId, ConnectionInfo, RequestContext, Role, Scopes};
-        let mut r = Registrar::new("p");
+        let mut r = plugin_api::host::registrar("p");
         r.method("config.node.apply")
             .node_only()
             .no_scope()
@@ -644,7 +646,8 @@ mod tests {
             .scope(scope::WRITE)
             .sync(|_, _| Ok(Value::Null));
         let mut b = RegistryBuilder::new();
-        b.add_plugin("p", r.into_declarations()).unwrap();
+        b.add_plugin("p", plugin_api::host::declarations(r))
+            .unwrap();
         let reg = b.build();
         let ctx = |role, scopes: &[&str]| {
             RequestContext::new(Arc::new(ConnectionInfo {

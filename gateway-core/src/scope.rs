@@ -13,9 +13,9 @@ use crate::frame::Features;
 use crate::loader::{BuildError, Catalog, LoadContext, LoaderCache};
 use crate::panic;
 use crate::registry::{MethodEntry, PluginIndex, Registry, RegistryBuilder};
+use plugin_api::host::LifeController;
 use plugin_api::{
-    EventTransport, Handler, LifeController, MethodResult, Params, PluginFactory, Registrar,
-    RequestContext, RpcError, Service,
+    EventTransport, Handler, MethodResult, Params, PluginFactory, RequestContext, RpcError, Service,
 };
 use std::fmt;
 use std::path::Path;
@@ -276,14 +276,14 @@ impl RestartScope {
         let mut builder = RegistryBuilder::with_policy(inputs.policy);
         let mut plugins = Vec::with_capacity(loader.plugins().len());
         for (p, life) in loader.plugins().iter().zip(lives) {
-            let mut registrar = Registrar::new(&p.id);
+            let mut registrar = plugin_api::host::registrar(&p.id);
             panic::catch(|| p.instance.register(&mut registrar)).map_err(|msg| {
                 BuildError::Plugin {
                     plugin: p.id.clone(),
                     message: format!("register panicked: {msg}"),
                 }
             })?;
-            let mut decl = registrar.into_declarations();
+            let mut decl = plugin_api::host::declarations(registrar);
             p.declarer.declare(decl.events.iter().cloned());
             let services = std::mem::take(&mut decl.services);
             let phase = if let Some(e) = &p.start_error {

@@ -1,16 +1,36 @@
 //! For hosts only: the gateway core, plugin runtimes and test harnesses.
+//! Plugin authors need nothing from this module; what they use is at the
+//! crate root.
 //!
 //! A plugin is handed capabilities, never the controls behind them: its
 //! [`EventSink`] cannot choose which events it may emit (the
-//! [`EventDeclarer`] that does stays with the host), and its [`ScopeLife`]
-//! cannot retire its generation (the [`crate::LifeController`] stays with
-//! the host). Everything here builds new, unconnected pieces: a plugin
+//! [`EventDeclarer`] that does stays with the host), its [`ScopeLife`]
+//! cannot retire its generation (the [`LifeController`] stays with the
+//! host), and its [`Registrar`] cannot be turned into [`Declarations`] by
+//! the plugin. Everything here builds new, unconnected pieces: a plugin
 //! calling it gets a sink wired to a transport of its own, not to the
 //! gateway's connections, and a generation of its own, not the one it runs
 //! in.
 
-use crate::{EventDeclarer, EventSink, EventTransport, ScopeLife};
+pub use crate::life::LifeController;
+use crate::{Declarations, EventDeclarer, EventSink, EventTransport, Registrar, ScopeLife};
 use std::sync::Arc;
+
+/// A new, live generation and the controller that retires it. Call once per
+/// generation; hand the plugin the [`ScopeLife`], keep the controller.
+pub fn scope_life(generation: u64) -> (ScopeLife, LifeController) {
+    ScopeLife::new(generation)
+}
+
+/// A registrar to pass to [`crate::Plugin::register`] for `plugin_id`.
+pub fn registrar(plugin_id: &str) -> Registrar {
+    Registrar::new(plugin_id)
+}
+
+/// What the plugin declared on `registrar` in its `register`.
+pub fn declarations(registrar: Registrar) -> Declarations {
+    registrar.into_declarations()
+}
 
 /// A sink for `plugin_id` in `life`'s generation, and the declarer that
 /// fixes, once, which events it may emit (after the plugin's `register`).

@@ -46,7 +46,7 @@ pub use events::{
     EventDeclarer, EventError, EventSink, EventTransport, NullTransport, OutboundEvent,
     RESERVED_EVENTS, is_reserved_event,
 };
-pub use life::{HandleError, LifeController, Retired, ScopeHandle, ScopeLife};
+pub use life::{HandleError, Retired, ScopeHandle, ScopeLife};
 pub use plugin::{CreateFn, Plugin, PluginContext, PluginFactory};
 pub use registrar::{
     AsyncHandler, BoxFuture, Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations,

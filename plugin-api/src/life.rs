@@ -63,9 +63,9 @@ impl fmt::Debug for ScopeLife {
 }
 
 impl ScopeLife {
-    /// A new, live generation and the controller that retires it. Called by
-    /// the host once per generation.
-    pub fn new(generation: u64) -> (ScopeLife, LifeController) {
+    /// A new, live generation and the controller that retires it
+    /// ([`crate::host::scope_life`]).
+    pub(crate) fn new(generation: u64) -> (ScopeLife, LifeController) {
         let inner = Arc::new(LifeInner {
             generation,
             retired: AtomicBool::new(false),

@@ -176,8 +176,8 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// A registrar for `plugin_id`. Called by the host.
-    pub fn new(plugin_id: &str) -> Self {
+    /// A registrar for `plugin_id` ([`crate::host::registrar`]).
+    pub(crate) fn new(plugin_id: &str) -> Self {
         Registrar {
             plugin_id: plugin_id.to_string(),
             decl: Declarations::default(),
@@ -252,8 +252,8 @@ impl Registrar {
         self
     }
 
-    /// What was declared. Called by the host.
-    pub fn into_declarations(self) -> Declarations {
+    /// What was declared ([`crate::host::declarations`]).
+    pub(crate) fn into_declarations(self) -> Declarations {
         self.decl
     }
 }

@@ -2,7 +2,7 @@
 //! real pipes, real signals.
 
 use plugin_api::{
-    ConnId, ErrorCode, EventTransport, OutboundEvent, Params, RequestContext, RpcError, ScopeLife,
+    ConnId, ErrorCode, EventTransport, OutboundEvent, Params, RequestContext, RpcError,
 };
 use plugin_host::{Limits, ProcessState, RuntimePlugin, SpawnSpec};
 use serde_json::{Value, json};
@@ -405,7 +405,7 @@ impl EventTransport for Recorder {
 async fn only_declared_events_reach_the_transport() {
     let env = Env::new();
     let p = start(&env, json!({}), Limits::default()).await;
-    let (life, _ctl) = ScopeLife::new(7);
+    let (life, _ctl) = plugin_api::host::scope_life(7);
     let rec = Arc::new(Recorder::default());
     let (sink, declarer) = plugin_api::host::event_sink("t", life, rec.clone());
     declarer.declare(p.declarations().events.iter().cloned());

@@ -8,7 +8,7 @@
 //! impl Plugin for Hello {
 //!     fn id(&self) -> &str { "hello" }
 //!     fn version(&self) -> &str { "1.0.0" }
-//!     fn register(&self, r: &mut Registrar) {
+//!     fn register(&self, r: &mut plugin_api::Registrar) {
 //!         r.method("hello.say").scope(scope::READ).sync(|_, _| Ok("hi".into()));
 //!     }
 //! }
@@ -34,8 +34,8 @@
 
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, EventTransport, Handler, OutboundEvent, Params,
-    PluginContext, PluginFactory, Registrar, RequestContext, RequiredScope, Role, RpcError,
-    ScopeLife, Scopes, Service, Value,
+    PluginContext, PluginFactory, RequestContext, RequiredScope, Role, RpcError, Scopes, Service,
+    Value,
 };
 use plugin_protocol::{
     self as proto, CallParams, CallResult, CancelParams, EmitParams, ErrorObject, InitializeParams,
@@ -126,7 +126,7 @@ impl EventTransport for StdioTransport {
 struct Served {
     methods: HashMap<String, Handler>,
     services: Vec<Arc<dyn Service>>,
-    _life: plugin_api::LifeController,
+    _life: plugin_api::host::LifeController,
 }
 
 /// Speak the protocol on `input` / `output` until `shutdown` or the end of
@@ -281,7 +281,7 @@ fn initialize(
                 proto::PROTOCOL_VERSIONS
             )
         })?;
-    let (life, controller) = ScopeLife::new(p.generation);
+    let (life, controller) = plugin_api::host::scope_life(p.generation);
     let transport = Arc::new(StdioTransport { out: tx.clone() });
     let (sink, declarer) = plugin_api::host::event_sink(&p.plugin_id, life.clone(), transport);
     let ctx = PluginContext {
@@ -292,9 +292,9 @@ fn initialize(
         life,
     };
     let plugin = (factory.create)(ctx).map_err(|e| format!("constructor failed: {e}"))?;
-    let mut registrar = Registrar::new(&p.plugin_id);
+    let mut registrar = plugin_api::host::registrar(&p.plugin_id);
     plugin.register(&mut registrar);
-    let decl = registrar.into_declarations();
+    let decl = plugin_api::host::declarations(registrar);
     declarer.declare(decl.events.iter().cloned());
     if !decl.channels.is_empty() || !decl.connection_closed.is_empty() {
         eprintln!(
@@ -426,7 +426,7 @@ mod tests {
         fn version(&self) -> &str {
             "1.2.3"
         }
-        fn register(&self, r: &mut Registrar) {
+        fn register(&self, r: &mut plugin_api::Registrar) {
             r.event("plugin.adder.sum");
             r.method("adder.add").scope(scope::READ).sync(|ctx, p| {
                 let v = p.to_value();

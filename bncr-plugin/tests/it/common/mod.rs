@@ -10,8 +10,8 @@
 
 use plugin_api::{
     Channel, ClientInfo, ConnId, ConnectionInfo, Declarations, EventTransport, Handler,
-    LifeController, OutboundEvent, OutboundMessage, Params, PluginContext, Registrar,
-    RequestContext, Role, RpcError, ScopeLife, Scopes, Value,
+    OutboundEvent, OutboundMessage, Params, PluginContext, RequestContext, Role, RpcError, Scopes,
+    Value,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -154,7 +154,7 @@ pub struct Host {
 
 /// One generation of the plugin.
 pub struct Gen {
-    pub ctl: LifeController,
+    pub ctl: plugin_api::host::LifeController,
     pub decl: Declarations,
     transport: Arc<Transport>,
 }
@@ -170,7 +170,7 @@ impl Host {
 
     /// Build, register and start generation `generation`.
     pub async fn start(&self, generation: u64) -> Gen {
-        let (life, ctl) = ScopeLife::new(generation);
+        let (life, ctl) = plugin_api::host::scope_life(generation);
         let (sink, declarer) =
             plugin_api::host::event_sink("bncr", life.clone(), self.transport.clone());
         let ctx = PluginContext {
@@ -182,9 +182,9 @@ impl Host {
         };
         let factory = bncr_plugin::factory();
         let plugin = (factory.create)(ctx).expect("plugin constructs");
-        let mut r = Registrar::new("bncr");
+        let mut r = plugin_api::host::registrar("bncr");
         plugin.register(&mut r);
-        let decl = r.into_declarations();
+        let decl = plugin_api::host::declarations(r);
         declarer.declare(decl.events.clone());
         for s in &decl.services {
             s.clone().start().await.expect("service starts");
