@@ -296,21 +296,27 @@ async fn send(
             ),
         );
     };
-    // Counted in the channel's plugin too: its hand-over waits for this send.
-    let _using = scope
+    // Counted in the channel's plugin too: its hand-over waits for this
+    // send, and its drain deadline cancels it like one of its own requests.
+    let using = scope
         .use_plugin(entry.owner)
         .ok_or_else(|| scope.cancel_error())?;
-    scope.ready(entry.owner, &p.channel).await?;
     let channel = entry.channel.clone();
-    let receipt = channel
-        .send(
-            ctx,
-            OutboundMessage {
-                to: p.to,
-                message: p.message,
-                idempotency_key: p.idempotency_key,
-            },
-        )
-        .await?;
+    let message = OutboundMessage {
+        to: p.to,
+        message: p.message,
+        idempotency_key: p.idempotency_key,
+    };
+    let run = async {
+        scope.ready(entry.owner, &p.channel).await?;
+        channel.send(ctx, message).await
+    };
+    // The channel first, as `invoke` polls a handler before its
+    // cancellation: an answer at the very instant of the deadline stands.
+    let receipt = tokio::select! {
+        biased;
+        r = run => r?,
+        () = using.cancelled() => return Err(scope.cancel_error()),
+    };
     Ok(json!({"ok": true, "channel": p.channel, "messageId": receipt.message_id}))
 }

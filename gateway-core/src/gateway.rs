@@ -826,3 +826,107 @@ fn plugin_reports(old: &RestartScope, new: &RestartScope) -> Vec<PluginReport> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Gateway, GatewayOptions};
+    use crate::config::{GatewayConfig, StaticConfig};
+    use crate::loader::Catalog;
+    use crate::scope::{CancelReason, Drained};
+    use plugin_api::{
+        BoxFuture, Channel, ConnId, ErrorCode, NullTransport, OutboundMessage, Params, Plugin,
+        PluginFactory, Registrar, RequestContext, RpcError, SendReceipt,
+    };
+    use serde_json::json;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// A plugin whose channel `hang` never answers.
+    struct Hang;
+
+    impl Plugin for Hang {
+        fn id(&self) -> &str {
+            "hang"
+        }
+        fn version(&self) -> &str {
+            "1.0.0"
+        }
+        fn register(&self, r: &mut Registrar) {
+            r.channel("hang", Arc::new(Hang));
+        }
+    }
+
+    impl Channel for Hang {
+        fn send(
+            self: Arc<Self>,
+            _: RequestContext,
+            _: OutboundMessage,
+        ) -> BoxFuture<Result<SendReceipt, RpcError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    // The core `send` into a channel: only the channel's plugin reaches its
+    // drain deadline here (the core plugin is not drained at all), and that
+    // alone ends the send, answered as the channel's own requests are.
+    #[tokio::test(start_paused = true)]
+    async fn the_channels_drain_deadline_alone_cancels_a_core_send_into_it() {
+        let state = tempfile::tempdir().unwrap();
+        let gw = Gateway::start(GatewayOptions {
+            catalog: Catalog::new()
+                .with(PluginFactory::new("hang", "1.0.0", |_| Ok(Arc::new(Hang)))),
+            config: Arc::new(StaticConfig::new(GatewayConfig::default())),
+            state_dir: state.path().to_path_buf(),
+            transport: Arc::new(NullTransport),
+        })
+        .await
+        .unwrap();
+        let scope = gw.current();
+        let send = tokio::spawn({
+            let gw = gw.clone();
+            let params =
+                json!({"channel": "hang", "to": "x", "message": "hi", "idempotencyKey": "k"});
+            async move {
+                gw.dispatch(
+                    RequestContext::internal(ConnId(1)),
+                    "send",
+                    Params::from_value(&params),
+                )
+                .await
+            }
+        });
+        while scope.plugin_in_flight("hang") == 0 {
+            tokio::task::yield_now().await;
+        }
+        scope.close_admission();
+        let channel = scope.plugin_index("hang").unwrap();
+        let t0 = Instant::now();
+        let drained = scope
+            .drain_plugin(
+                channel,
+                Duration::from_millis(250),
+                CancelReason::Restarting,
+            )
+            .await;
+        let took = t0.elapsed();
+        assert_eq!(
+            drained,
+            Drained {
+                in_flight: 1,
+                cancelled: 1
+            }
+        );
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(260),
+            "{took:?}"
+        );
+        tokio::task::yield_now().await;
+        assert!(send.is_finished(), "answered at the channel's deadline");
+        let err = send.await.unwrap().unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert_eq!(err.retryable, Some(true));
+        assert_eq!(err.details.unwrap()["reason"], "gateway-restarting");
+        assert_eq!(scope.in_flight(), 0, "both slots are free");
+    }
+}

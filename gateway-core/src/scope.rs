@@ -165,10 +165,21 @@ impl Drop for Admitted {
 
 /// A request of one plugin that also uses another plugin of its generation
 /// (the core `send` calling a channel): counted in that plugin too, so that
-/// plugin's hand-over waits for it.
+/// plugin's hand-over waits for it, and cancelled with that plugin's own
+/// requests at its drain deadline.
 pub(crate) struct PluginUse {
     admission: Arc<Admission>,
     plugin: PluginIndex,
+    cancel: CancellationToken,
+}
+
+impl PluginUse {
+    /// Resolves when the used plugin cancels its in-flight requests (its
+    /// drain deadline, or its generation dropped): answer
+    /// [`RestartScope::cancel_error`] then, as that plugin's requests are.
+    pub(crate) async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
 }
 
 impl Drop for PluginUse {
@@ -489,6 +500,7 @@ impl RestartScope {
         self.admission.enter(plugin).then(|| PluginUse {
             admission: self.admission.clone(),
             plugin,
+            cancel: self.plugins[plugin].cancel.clone(),
         })
     }
 

@@ -616,3 +616,91 @@ async fn restart_reports_carry_the_trigger_and_per_plugin_timings() {
     assert!(rep.phases.handover >= rep.phases.stop_old.max(rep.phases.start_new));
     assert_eq!(h.probe.count("start:probe:2"), 1);
 }
+
+/// A plugin with one channel, `hang`: a message `{"hang": true}` is never
+/// answered, anything else is queued at once with the generation in its id.
+fn hanging_channel_factory() -> plugin_api::PluginFactory {
+    struct HangPlugin(u64);
+    struct HangChannel(u64);
+    impl plugin_api::Plugin for HangPlugin {
+        fn id(&self) -> &str {
+            "hang"
+        }
+        fn version(&self) -> &str {
+            "1.0.0"
+        }
+        fn register(&self, r: &mut plugin_api::Registrar) {
+            r.channel("hang", Arc::new(HangChannel(self.0)));
+        }
+    }
+    impl plugin_api::Channel for HangChannel {
+        fn send(
+            self: Arc<Self>,
+            _ctx: plugin_api::RequestContext,
+            message: plugin_api::OutboundMessage,
+        ) -> plugin_api::BoxFuture<Result<plugin_api::SendReceipt, plugin_api::RpcError>> {
+            Box::pin(async move {
+                if message.message["hang"] == true {
+                    std::future::pending::<()>().await;
+                }
+                Ok(plugin_api::SendReceipt {
+                    message_id: format!("gen{}", self.0),
+                })
+            })
+        }
+    }
+    plugin_api::PluginFactory::new("hang", "1.0.0", |ctx: plugin_api::PluginContext| {
+        Ok(Arc::new(HangPlugin(ctx.life.generation())))
+    })
+}
+
+// Invariant 5 for the core `send`: it is counted in the channel's plugin,
+// so that plugin's drain deadline cancels it like one of its own requests,
+// while the new generation's channel already serves. (The core plugin's own
+// drain shares the deadline here; the unit test in `core_plugin.rs` shows
+// that the channel's deadline alone ends the send.)
+#[tokio::test(start_paused = true)]
+async fn a_core_send_into_a_draining_channel_is_cancelled_at_the_channels_deadline() {
+    let mut cfg = config_with(&[("probe", json!({})), ("hang", json!({}))]);
+    cfg.restart.drain_timeout_ms = 250;
+    let h = harness(cfg, vec![hanging_channel_factory()]).await;
+    let gw = h.gateway.clone();
+    let send = |message: Value, key: &str| {
+        let gw = gw.clone();
+        let params =
+            json!({"channel": "hang", "to": "x", "message": message, "idempotencyKey": key});
+        async move { call(&gw, "send", params).await }
+    };
+    assert_eq!(send(json!("hi"), "a").await.unwrap()["messageId"], "gen1");
+    let hung = tokio::spawn(send(json!({"hang": true}), "b"));
+    let old = gw.current();
+    assert!(eventually(Duration::from_secs(1), || old.plugin_in_flight("hang") == 1).await);
+    drop(old);
+    // The build takes no time on the paused clock: the drain starts now.
+    let swapped = Instant::now();
+    let restart = tokio::spawn({
+        let gw = gw.clone();
+        async move { gw.restart().await }
+    });
+    assert!(eventually(Duration::from_secs(1), || gw.current().generation() == 2).await);
+    // The new generation's channel serves at once.
+    assert_eq!(send(json!("hi"), "c").await.unwrap()["messageId"], "gen2");
+    tokio::time::sleep_until(swapped + Duration::from_millis(249)).await;
+    assert!(!hung.is_finished(), "pending until the deadline");
+    tokio::time::sleep_until(swapped + Duration::from_millis(251)).await;
+    assert!(hung.is_finished(), "answered at the deadline");
+    let err = hung.await.unwrap().unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.retryable, Some(true));
+    assert_eq!(err.details.unwrap()["reason"], "gateway-restarting");
+    let rep = restart.await.unwrap().unwrap();
+    let channel = rep.handovers.iter().find(|x| x.id == "hang").unwrap();
+    assert_eq!((channel.in_flight, channel.cancelled), (1, 1));
+    assert!(
+        channel.drain >= Duration::from_millis(250) && channel.drain < Duration::from_millis(260),
+        "{channel:?}"
+    );
+    assert_eq!(gw.stats().in_flight, 0, "the slot is free");
+    assert_eq!(gw.stats().live_scopes, 1);
+    assert_eq!(send(json!("hi"), "d").await.unwrap()["messageId"], "gen2");
+}
