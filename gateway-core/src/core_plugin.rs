@@ -316,7 +316,7 @@ async fn send(
     let receipt = tokio::select! {
         biased;
         r = run => r?,
-        () = using.cancelled() => return Err(scope.cancel_error()),
+        () = using.cancelled() => return Err(scope.answer_cancelled()),
     };
     Ok(json!({"ok": true, "channel": p.channel, "messageId": receipt.message_id}))
 }

@@ -744,7 +744,6 @@ async fn hand_over(
             let t = Instant::now();
             report = old.stop_plugin(o).await;
             report.drain_timed_out = drained.cancelled > 0;
-            report.cancelled_requests = drained.cancelled;
             h.stop = t.elapsed();
         }
         if let Some(n) = new_index {
@@ -773,6 +772,9 @@ async fn hand_over(
         total.add(report);
         handovers.push(h);
     }
+    // Counted where requests are answered, so a request in flight in two
+    // plugins (a core `send` into a channel) counts once.
+    total.cancelled_requests = old.cancelled_answers();
     (handovers, total)
 }
 

@@ -176,7 +176,7 @@ pub(crate) struct PluginUse {
 impl PluginUse {
     /// Resolves when the used plugin cancels its in-flight requests (its
     /// drain deadline, or its generation dropped): answer
-    /// [`RestartScope::cancel_error`] then, as that plugin's requests are.
+    /// [`RestartScope::answer_cancelled`] then, as that plugin's requests are.
     pub(crate) async fn cancelled(&self) {
         self.cancel.cancelled().await
     }
@@ -193,7 +193,8 @@ impl Drop for PluginUse {
 pub struct ShutdownReport {
     /// In-flight requests had to be cancelled at the drain deadline.
     pub drain_timed_out: bool,
-    /// How many requests were in flight at the deadline.
+    /// How many requests were answered as cancelled at the deadline, each
+    /// once (a core `send` is in flight in two plugins but answered once).
     pub cancelled_requests: usize,
     /// Services stopped (each exactly once).
     pub services_stopped: usize,
@@ -233,6 +234,8 @@ pub struct RestartScope {
     admission: Arc<Admission>,
     request_cancel: CancellationToken,
     cancel_reason: AtomicU8,
+    /// Requests answered as cancelled at a drain deadline.
+    cancelled_answers: AtomicUsize,
     timings: RestartConfig,
     requests: RequestsConfig,
     live_scopes: Arc<AtomicUsize>,
@@ -331,6 +334,7 @@ impl RestartScope {
             plugins,
             request_cancel,
             cancel_reason: AtomicU8::new(CancelReason::Restarting as u8),
+            cancelled_answers: AtomicUsize::new(0),
             timings: config.restart.clone(),
             requests: config.requests.clone(),
             live_scopes: inputs.live_scopes.clone(),
@@ -521,6 +525,18 @@ impl RestartScope {
         }
     }
 
+    /// Answer a request whose plugin cancelled it at the drain deadline,
+    /// counting it (once) for [`ShutdownReport::cancelled_requests`].
+    pub(crate) fn answer_cancelled(&self) -> RpcError {
+        self.cancelled_answers.fetch_add(1, Ordering::SeqCst);
+        self.cancel_error()
+    }
+
+    /// Requests answered as cancelled so far.
+    pub(crate) fn cancelled_answers(&self) -> usize {
+        self.cancelled_answers.load(Ordering::SeqCst)
+    }
+
     /// Wait (bounded) until plugin `owner` serves. `what` names the method or
     /// channel for the error.
     pub(crate) async fn ready(&self, owner: PluginIndex, what: &str) -> Result<(), RpcError> {
@@ -580,7 +596,7 @@ impl RestartScope {
             r = tokio::time::timeout(deadline, run) => {
                 r.unwrap_or_else(|_| Err(self.timed_out(entry, deadline)))
             }
-            () = self.plugins[entry.owner].cancel.cancelled() => Err(self.cancel_error()),
+            () = self.plugins[entry.owner].cancel.cancelled() => Err(self.answer_cancelled()),
         }
     }
 
@@ -734,8 +750,8 @@ impl RestartScope {
             (0..self.plugins.len()).map(|p| self.drain_plugin(p, drain, CancelReason::Stopping));
         for d in futures::future::join_all(drains).await {
             report.drain_timed_out |= d.cancelled > 0;
-            report.cancelled_requests += d.cancelled;
         }
+        report.cancelled_requests = self.cancelled_answers();
         for index in (0..self.plugins.len()).rev() {
             report.add(self.stop_plugin(index).await);
         }

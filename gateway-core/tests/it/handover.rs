@@ -696,6 +696,10 @@ async fn a_core_send_into_a_draining_channel_is_cancelled_at_the_channels_deadli
     let rep = restart.await.unwrap().unwrap();
     let channel = rep.handovers.iter().find(|x| x.id == "hang").unwrap();
     assert_eq!((channel.in_flight, channel.cancelled), (1, 1));
+    // In flight in two plugins (core and channel), answered once: counted once.
+    assert!(rep.shutdown.drain_timed_out);
+    assert_eq!(rep.shutdown.cancelled_requests, 1);
+    assert_eq!(gw.stats().drain_cancelled_requests, 1);
     assert!(
         channel.drain >= Duration::from_millis(250) && channel.drain < Duration::from_millis(260),
         "{channel:?}"
