@@ -181,6 +181,21 @@ impl PluginKind {
 }
 
 /// One constructed plugin of a generation.
+///
+/// Its instance and process are not reachable from outside the crate, so
+/// nothing calls a plugin past admission and the scope check:
+///
+/// ```compile_fail
+/// fn call_around_admission(p: &gateway_core::LoadedPlugin) {
+///     let _ = &p.instance;
+/// }
+/// ```
+///
+/// ```compile_fail
+/// fn call_process_directly(p: &gateway_core::LoadedPlugin) {
+///     let _ = &p.runtime;
+/// }
+/// ```
 pub struct LoadedPlugin {
     /// Plugin id.
     pub id: String,
@@ -194,18 +209,29 @@ pub struct LoadedPlugin {
     pub source: PluginSource,
     /// The validated config it was constructed with.
     pub config: Value,
-    /// The instance.
-    pub instance: Arc<dyn Plugin>,
+    /// The instance. Crate-private: its handlers are reached only through
+    /// admission and the scope check (`Gateway::dispatch`).
+    pub(crate) instance: Arc<dyn Plugin>,
     /// What kind of code it is.
     pub kind: PluginKind,
     /// Its process, for runtime (node and command) plugins that started.
-    pub runtime: Option<Arc<RuntimePlugin>>,
+    /// Crate-private: calls reach it only through admission; see
+    /// [`LoadedPlugin::process_status`].
+    pub(crate) runtime: Option<Arc<RuntimePlugin>>,
     /// Why its process could not start, for a runtime plugin the
     /// generation went live without.
     pub start_error: Option<String>,
     /// Fixes its event sink's events after `register`; kept by the host,
     /// never given to the plugin.
     pub(crate) declarer: plugin_api::EventDeclarer,
+}
+
+impl LoadedPlugin {
+    /// Its process's state, pid, restarts and last exit, for runtime (node
+    /// and command) plugins whose process started.
+    pub fn process_status(&self) -> Option<plugin_host::ProcessStatus> {
+        self.runtime.as_ref().map(|r| r.status())
+    }
 }
 
 impl fmt::Debug for LoadedPlugin {

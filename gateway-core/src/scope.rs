@@ -226,6 +226,16 @@ pub(crate) struct Drained {
 /// One generation: its loader cache, registry, plugin instances, services,
 /// background tasks and event sinks. Built complete before it is published;
 /// dropped as a whole after every plugin handed over.
+///
+/// Requests are admitted through [`crate::Gateway::admit`] and
+/// [`crate::Gateway::dispatch`] only, never straight into a scope that may
+/// have closed its door:
+///
+/// ```compile_fail
+/// fn admit_around_the_gateway(s: &std::sync::Arc<gateway_core::RestartScope>) {
+///     let _ = s.try_admit();
+/// }
+/// ```
 pub struct RestartScope {
     generation: u64,
     registry: Registry,
@@ -483,14 +493,14 @@ impl RestartScope {
 
     /// Admit a request counted in the core plugin, or `None` if this
     /// generation has closed its door.
-    pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+    pub(crate) fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
         self.try_admit_for(0)
     }
 
     /// Admit a request served by plugin `plugin` (its in-flight count is the
     /// one that plugin's hand-over drains), or `None` if this generation has
     /// closed its door.
-    pub fn try_admit_for(self: &Arc<Self>, plugin: PluginIndex) -> Option<Admitted> {
+    pub(crate) fn try_admit_for(self: &Arc<Self>, plugin: PluginIndex) -> Option<Admitted> {
         self.admission.enter(plugin).then(|| Admitted {
             scope: Some(self.clone()),
             admission: self.admission.clone(),

@@ -181,7 +181,7 @@ fn render_plugin_processes(out: &mut String, gateway: &Gateway) {
         .loader()
         .plugins()
         .iter()
-        .filter_map(|p| Some((escape(&p.id), p.runtime.as_ref()?.status())))
+        .filter_map(|p| Some((escape(&p.id), p.process_status()?)))
         .collect();
     if rows.is_empty() {
         return;
