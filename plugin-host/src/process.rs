@@ -2,7 +2,8 @@
 //! stderr forwarder and the reaper, and requests with deadlines.
 
 use crate::lines::{LineRead, read_line};
-use crate::{Limits, SpawnSpec, StderrTail};
+use crate::stderr::stderr_loop;
+use crate::{Limits, SpawnSpec, StderrTail, lock};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id as WaitId, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
@@ -495,30 +496,6 @@ fn handle_inbound(
     }
 }
 
-async fn stderr_loop(
-    plugin: String,
-    generation: u64,
-    pid: u32,
-    stderr: tokio::process::ChildStderr,
-    tail: Arc<StderrTail>,
-) {
-    let mut r = BufReader::new(stderr);
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        match read_line(&mut r, &mut buf, 8 * 1024, true).await {
-            Ok(LineRead::Line) => {
-                let line = String::from_utf8_lossy(&buf);
-                info!(target: "plugin", plugin = %plugin, generation, pid, "{line}");
-                tail.push(&line);
-            }
-            Ok(LineRead::TooLong) => {
-                info!(target: "plugin", plugin = %plugin, generation, pid, "(a stderr line longer than 8 KiB was dropped)");
-            }
-            Ok(LineRead::Eof) | Err(_) => return,
-        }
-    }
-}
-
 fn describe_status(s: ExitStatus) -> String {
     if let Some(code) = s.code() {
         return format!("exit status {code}");
@@ -596,8 +573,4 @@ async fn futures_join(handles: [tokio::task::JoinHandle<()>; 2]) {
     for h in handles {
         let _ = h.await;
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
