@@ -2,6 +2,22 @@
 //! (registry, admission, scope checks, services, events, restarts) with
 //! in-memory connections instead of sockets.
 //!
+//! What a test can do with it, each exactly as the real host does it:
+//! - open connections with any role, scopes and client identity
+//!   ([`TestHost::connect`]) and close them ([`TestClient::disconnect`]);
+//!   plugins' connection hooks run;
+//! - call methods ([`TestClient::call`]) and the core `send`
+//!   ([`TestClient::send`]) through admission and the scope check;
+//! - read what each connection received, or every delivery in order
+//!   ([`TestHost::events_named`]), and wait for deliveries without polling
+//!   ([`TestHost::wait_until`]);
+//! - read `health` and a plugin's degraded reason ([`TestHost::health`],
+//!   [`TestHost::degraded`]);
+//! - restart in-process ([`TestHost::restart`]), stop
+//!   ([`TestHost::shutdown`]), or crash ([`TestHost::crash`]: no drain, no
+//!   service stop, connections gone) and start a new host on the same state
+//!   directory, as a process killed with SIGKILL and started again.
+//!
 //! ```
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use gateway_core::testing::TestHost;
@@ -18,16 +34,16 @@
 //! }
 //!
 //! let dir = std::env::temp_dir().join("hello-plugin-test");
-//! let host = TestHost::builder(&dir)
-//!     .plugin(PluginFactory::new("hello", "1.0.0", |_: PluginContext| Ok(Arc::new(Hello))))
-//!     .start()
-//!     .await?;
+//! let hello = || PluginFactory::new("hello", "1.0.0", |_: PluginContext| Ok(Arc::new(Hello)));
+//! let host = TestHost::builder(&dir).plugin(hello()).start().await?;
 //! let reader = host.connect_operator(&[scope::READ]);
 //! assert_eq!(reader.call("hello.say", serde_json::json!({})).await?, "hi");
 //! // The real scope check: a client holding no scope is refused.
 //! let nobody = host.connect_operator(&[]);
 //! assert!(nobody.call("hello.say", serde_json::json!({})).await.is_err());
 //! host.restart().await?; // a new generation: a new plugin instance
+//! host.crash(); // as SIGKILL: nothing stops, the connections are gone
+//! let host = TestHost::builder(&dir).plugin(hello()).start().await?; // a new process
 //! host.shutdown().await;
 //! # Ok(()) }
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
@@ -40,7 +56,7 @@ use crate::report::RestartOutcome;
 use crate::scope::ShutdownReport;
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, EventTransport, MethodResult, OutboundEvent, Params,
-    PluginFactory, RequestContext, Role, Scopes, Value,
+    PluginFactory, RequestContext, Role, RpcError, Scopes, Value,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,6 +65,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// Connection ids, unique across every host of the test process: the real
+/// server never hands out an id again after a crash either, so a plugin that
+/// persisted a connection id cannot mistake a new connection for an old one.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// One event as a test connection received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,9 +80,12 @@ pub struct ReceivedEvent {
     pub payload: Value,
 }
 
-struct TestConnection {
-    info: Arc<ConnectionInfo>,
-    events: Vec<ReceivedEvent>,
+#[derive(Default)]
+struct Table {
+    /// The open connections, by id.
+    open: BTreeMap<u64, Arc<ConnectionInfo>>,
+    /// Every delivery to any connection, in delivery order.
+    log: Vec<(ConnId, ReceivedEvent)>,
 }
 
 /// In-memory connections: the [`EventTransport`] of a [`TestHost`]. Sends
@@ -69,36 +93,54 @@ struct TestConnection {
 /// (operators holding the required scope), and report real counts.
 #[derive(Default)]
 pub struct TestTransport {
-    conns: Mutex<BTreeMap<u64, TestConnection>>,
+    table: Mutex<Table>,
     arrived: Notify,
 }
 
 impl fmt::Debug for TestTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = lock(&self.table);
         f.debug_struct("TestTransport")
-            .field("connections", &lock(&self.conns).len())
+            .field("connections", &t.open.len())
+            .field("deliveries", &t.log.len())
             .finish()
     }
 }
 
 impl TestTransport {
-    fn deliver(&self, conn: &mut TestConnection, event: &OutboundEvent) {
+    fn record(log: &mut Vec<(ConnId, ReceivedEvent)>, conn: ConnId, event: &OutboundEvent) {
         let payload = serde_json::from_str(event.payload.get()).unwrap_or(Value::Null);
-        conn.events.push(ReceivedEvent {
-            name: event.name.to_string(),
-            payload,
-        });
+        log.push((
+            conn,
+            ReceivedEvent {
+                name: event.name.to_string(),
+                payload,
+            },
+        ));
+    }
+
+    fn delivered(
+        &self,
+        filter: impl Fn(ConnId, &ReceivedEvent) -> bool,
+    ) -> Vec<(ConnId, ReceivedEvent)> {
+        lock(&self.table)
+            .log
+            .iter()
+            .filter(|(c, e)| filter(*c, e))
+            .cloned()
+            .collect()
     }
 }
 
 impl EventTransport for TestTransport {
     fn send_to(&self, conn: ConnId, event: &OutboundEvent) -> bool {
-        let delivered = match lock(&self.conns).get_mut(&conn.0) {
-            Some(c) => {
-                self.deliver(c, event);
-                true
+        let delivered = {
+            let mut t = lock(&self.table);
+            let open = t.open.contains_key(&conn.0);
+            if open {
+                Self::record(&mut t.log, conn, event);
             }
-            None => false,
+            open
         };
         if delivered {
             self.arrived.notify_waiters();
@@ -116,16 +158,20 @@ impl EventTransport for TestTransport {
         except: &[ConnId],
         event: &OutboundEvent,
     ) -> usize {
-        let mut reached = 0;
-        for c in lock(&self.conns).values_mut() {
-            if c.info.role == Role::Operator
-                && c.info.scopes.allows(required_scope)
-                && !except.contains(&c.info.conn_id)
-            {
-                self.deliver(c, event);
-                reached += 1;
+        let reached = {
+            let t = &mut *lock(&self.table);
+            let mut reached = 0;
+            for info in t.open.values() {
+                if info.role == Role::Operator
+                    && info.scopes.allows(required_scope)
+                    && !except.contains(&info.conn_id)
+                {
+                    Self::record(&mut t.log, info.conn_id, event);
+                    reached += 1;
+                }
             }
-        }
+            reached
+        };
         if reached > 0 {
             self.arrived.notify_waiters();
         }
@@ -133,11 +179,11 @@ impl EventTransport for TestTransport {
     }
 
     fn connection_count(&self) -> usize {
-        lock(&self.conns).len()
+        lock(&self.table).open.len()
     }
 
     fn is_connected(&self, conn: ConnId) -> bool {
-        lock(&self.conns).contains_key(&conn.0)
+        lock(&self.table).open.contains_key(&conn.0)
     }
 }
 
@@ -176,35 +222,45 @@ impl TestHostBuilder {
         let gateway = Gateway::start(GatewayOptions {
             catalog: self.catalog,
             config: config.clone(),
-            state_dir: self.state_dir,
+            state_dir: self.state_dir.clone(),
             transport: transport.clone(),
         })
         .await?;
         Ok(TestHost {
+            shared: Arc::new(Shared {
+                transport,
+                gateway: Mutex::new(Some(gateway.clone())),
+            }),
             gateway,
-            transport,
             config,
             current: Mutex::new(self.config),
-            next_conn: AtomicU64::new(1),
+            state_dir: self.state_dir,
         })
     }
+}
+
+/// What a host and its connections share.
+struct Shared {
+    transport: Arc<TestTransport>,
+    /// `None` once the host crashed: its connections died with it.
+    gateway: Mutex<Option<Gateway>>,
 }
 
 /// A gateway with in-memory connections, for testing plugins end to end
 /// without sockets. See the [module docs](self).
 pub struct TestHost {
+    shared: Arc<Shared>,
     gateway: Gateway,
-    transport: Arc<TestTransport>,
     config: Arc<StaticConfig>,
     current: Mutex<GatewayConfig>,
-    next_conn: AtomicU64,
+    state_dir: PathBuf,
 }
 
 impl fmt::Debug for TestHost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestHost")
             .field("gateway", &self.gateway)
-            .field("transport", &self.transport)
+            .field("transport", &self.shared.transport)
             .finish()
     }
 }
@@ -224,30 +280,69 @@ impl TestHost {
         &self.gateway
     }
 
+    /// The state directory plugins keep durable files below.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// Open an operator connection holding `scopes`.
-    pub fn connect_operator(&self, scopes: &[&str]) -> TestClient<'_> {
+    pub fn connect_operator(&self, scopes: &[&str]) -> TestClient {
         self.connect(Role::Operator, scopes, ClientInfo::default())
     }
 
-    /// Open a connection with any role, scopes and client identity.
-    pub fn connect(&self, role: Role, scopes: &[&str], client: ClientInfo) -> TestClient<'_> {
-        let conn_id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+    /// Open a connection with any role, scopes and client identity (what the
+    /// client said at `connect`). As in the real host, it joins the
+    /// connection table, then the plugins' connection-opened hooks run.
+    pub fn connect(&self, role: Role, scopes: &[&str], client: ClientInfo) -> TestClient {
+        let conn_id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
         let info = Arc::new(ConnectionInfo {
             conn_id,
             role,
             scopes: Scopes::new(scopes.iter().copied()),
             client,
         });
-        lock(&self.transport.conns).insert(
-            conn_id.0,
-            TestConnection {
-                info: info.clone(),
-                events: Vec::new(),
-            },
-        );
-        // As the real host: the connection joins the table, then plugins hear of it.
+        lock(&self.shared.transport.table)
+            .open
+            .insert(conn_id.0, info.clone());
         self.gateway.connection_opened(&info);
-        TestClient { host: self, info }
+        TestClient {
+            shared: self.shared.clone(),
+            info,
+        }
+    }
+
+    /// Every event called `name` delivered to any connection (closed ones
+    /// included), in delivery order, with the connection that received it.
+    pub fn events_named(&self, name: &str) -> Vec<(ConnId, ReceivedEvent)> {
+        self.shared.transport.delivered(|_, e| e.name == name)
+    }
+
+    /// Wait until `cond` holds, checking it now and after every delivery to
+    /// any connection; `false` if `timeout` passed first.
+    pub async fn wait_until(&self, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        wait_until(&self.shared.transport, timeout, &mut cond).await
+    }
+
+    /// The core `health` answer, as any client sees it (`ok`, `generation`,
+    /// `plugins.loaded`, `plugins.errors`, `plugins.degraded`, ...).
+    pub async fn health(&self) -> MethodResult {
+        // `health` needs no scope; the caller is the embedding program.
+        let ctx = RequestContext::internal(ConnId(0));
+        self.gateway
+            .dispatch(ctx, "health", Params::from_value(&Value::Null))
+            .await
+    }
+
+    /// The reason `health` gives for plugin `id` being degraded (its health
+    /// check answered `Some`), or `None` while it is not.
+    pub async fn degraded(&self, id: &str) -> Result<Option<String>, RpcError> {
+        let health = self.health().await?;
+        Ok(health["plugins"]["degraded"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["id"] == id)
+            .map(|d| d["reason"].as_str().unwrap_or_default().to_string()))
     }
 
     /// Change plugin `id`'s config; it takes effect at the next restart.
@@ -257,53 +352,114 @@ impl TestHost {
         self.config.set(current.clone());
     }
 
-    /// Restart in-process, as SIGUSR1 does.
+    /// Restart in-process, as SIGUSR1 does: connections stay open.
     pub async fn restart(&self) -> RestartOutcome {
         self.gateway.restart().await
     }
 
-    /// Stop the gateway: drain, stop services, retire the generation.
-    pub async fn shutdown(self) -> ShutdownReport {
+    /// Stop the gateway as SIGTERM does: refuse new requests, drain, stop
+    /// services, retire the generation. Connections stay readable; their
+    /// calls are refused with `UNAVAILABLE` from here on.
+    pub async fn shutdown(&self) -> ShutdownReport {
         self.gateway.shutdown(None).await
+    }
+
+    /// Die as a process killed with SIGKILL: no drain, no service is
+    /// stopped, no connection-closed hook runs. Every connection is gone
+    /// (its calls are refused with `UNAVAILABLE`, what it received stays
+    /// readable); the generation is dropped, so its tasks are aborted and
+    /// its handles refuse. Durable state stays as it was on disk: start a
+    /// new host on [`TestHost::state_dir`] to see what a restarted process
+    /// sees. A call still in flight keeps its generation until it returns.
+    pub fn crash(self) {
+        let gateway = lock(&self.shared.gateway).take();
+        lock(&self.shared.transport.table).open.clear();
+        drop(gateway);
+        drop(self);
     }
 }
 
-/// One in-memory connection of a [`TestHost`].
-pub struct TestClient<'h> {
-    host: &'h TestHost,
+/// One in-memory connection of a [`TestHost`]. It may outlive the host's
+/// shutdown or crash, and be moved into other tasks.
+pub struct TestClient {
+    shared: Arc<Shared>,
     info: Arc<ConnectionInfo>,
 }
 
-impl fmt::Debug for TestClient<'_> {
+impl fmt::Debug for TestClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestClient")
             .field("conn_id", &self.info.conn_id)
+            .field("role", &self.info.role)
             .finish()
     }
 }
 
-impl TestClient<'_> {
+impl TestClient {
     /// This connection's id.
     pub fn conn_id(&self) -> ConnId {
         self.info.conn_id
     }
 
+    /// What the host knows about this connection.
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_connected(&self) -> bool {
+        self.shared.transport.is_connected(self.info.conn_id)
+    }
+
     /// Call `method` as this connection: the current generation admits it,
     /// checks role and scope, and answers, exactly as for a socket client.
+    /// After the host crashed: `UNAVAILABLE` (the connection is gone).
     pub async fn call(&self, method: &str, params: Value) -> MethodResult {
+        let Some(gateway) = lock(&self.shared.gateway).clone() else {
+            return Err(RpcError::unavailable(
+                "connection lost: the test host crashed",
+            ));
+        };
         let ctx = RequestContext::new(self.info.clone());
-        self.host
-            .gateway
+        gateway
             .dispatch(ctx, method, Params::from_value(&params))
             .await
     }
 
+    /// The core `send` method as this connection calls it (it needs
+    /// `operator.write`): route `message` to `to` through `channel`, keyed
+    /// by `idempotency_key`. Answers the channel's message id.
+    pub async fn send(
+        &self,
+        channel: &str,
+        to: &str,
+        message: Value,
+        idempotency_key: &str,
+    ) -> Result<String, RpcError> {
+        let params = serde_json::json!({
+            "channel": channel,
+            "to": to,
+            "message": message,
+            "idempotencyKey": idempotency_key,
+        });
+        let answer = self.call("send", params).await?;
+        answer["messageId"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                RpcError::unavailable(format!("send answered without a messageId: {answer}"))
+            })
+    }
+
     /// Every event this connection received so far, in order.
     pub fn events(&self) -> Vec<ReceivedEvent> {
-        lock(&self.host.transport.conns)
-            .get(&self.info.conn_id.0)
-            .map(|c| c.events.clone())
-            .unwrap_or_default()
+        let me = self.info.conn_id;
+        self.shared
+            .transport
+            .delivered(|c, _| c == me)
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect()
     }
 
     /// The received events called `name`, in order.
@@ -322,27 +478,43 @@ impl TestClient<'_> {
         count: usize,
         timeout: Duration,
     ) -> Vec<ReceivedEvent> {
-        let wait = async {
-            loop {
-                let arrived = self.host.transport.arrived.notified();
-                tokio::pin!(arrived);
-                arrived.as_mut().enable();
-                if self.events_named(name).len() >= count {
-                    return;
-                }
-                arrived.await;
-            }
-        };
-        let _ = tokio::time::timeout(timeout, wait).await;
+        let mut enough = || self.events_named(name).len() >= count;
+        wait_until(&self.shared.transport, timeout, &mut enough).await;
         self.events_named(name)
     }
 
     /// Close the connection: it stops receiving, and the gateway tells the
     /// plugins (their connection-closed hooks run).
     pub fn disconnect(self) {
-        lock(&self.host.transport.conns).remove(&self.info.conn_id.0);
-        self.host.gateway.connection_closed(self.info.conn_id);
+        let was_open = lock(&self.shared.transport.table)
+            .open
+            .remove(&self.info.conn_id.0)
+            .is_some();
+        let gateway = lock(&self.shared.gateway).clone();
+        if let (true, Some(gateway)) = (was_open, gateway) {
+            gateway.connection_closed(self.info.conn_id);
+        }
     }
+}
+
+async fn wait_until(
+    transport: &TestTransport,
+    timeout: Duration,
+    cond: &mut dyn FnMut() -> bool,
+) -> bool {
+    let wait = async {
+        loop {
+            let arrived = transport.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before the check, so a delivery in between wakes us.
+            arrived.as_mut().enable();
+            if cond() {
+                return;
+            }
+            arrived.await;
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.is_ok()
 }
 
 fn set_entry_config(config: &mut GatewayConfig, id: &str, value: Value) {
@@ -353,7 +525,6 @@ fn set_entry_config(config: &mut GatewayConfig, id: &str, value: Value) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +630,325 @@ mod tests {
         assert_eq!(got.len(), 3, "the caller of counter.others got none");
         host.shutdown().await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Counts what the host did to the `probe` plugin, across generations.
+    #[derive(Default)]
+    struct Probe {
+        starts: AtomicU64,
+        stops: AtomicU64,
+        closed: AtomicU64,
+        /// Background tasks whose future was dropped (ended or aborted).
+        tasks_ended: AtomicU64,
+        degraded: Mutex<Option<String>>,
+        sent: Mutex<Vec<(ConnId, plugin_api::OutboundMessage)>>,
+    }
+
+    struct TaskGuard(Arc<Probe>);
+    impl Drop for TaskGuard {
+        fn drop(&mut self) {
+            self.0.tasks_ended.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct ProbeChannel(Arc<Probe>);
+    impl plugin_api::Channel for ProbeChannel {
+        fn send(
+            self: Arc<Self>,
+            ctx: RequestContext,
+            m: plugin_api::OutboundMessage,
+        ) -> futures::future::BoxFuture<'static, Result<plugin_api::SendReceipt, RpcError>>
+        {
+            Box::pin(async move {
+                let message_id = format!("m-{}", m.idempotency_key);
+                lock(&self.0.sent).push((ctx.conn_id(), m));
+                Ok(plugin_api::SendReceipt { message_id })
+            })
+        }
+    }
+
+    struct ProbePlugin {
+        probe: Arc<Probe>,
+        life: plugin_api::ScopeLife,
+        events: plugin_api::EventSink,
+    }
+
+    impl Plugin for ProbePlugin {
+        fn id(&self) -> &str {
+            "probe"
+        }
+        fn version(&self) -> &str {
+            "1"
+        }
+        fn register(&self, r: &mut Registrar) {
+            let (probe, life) = (self.probe.clone(), self.life.clone());
+            r.service(
+                plugin_api::ServiceFn::new("probe")
+                    .on_start(move || {
+                        probe.starts.fetch_add(1, Ordering::SeqCst);
+                        let guard = TaskGuard(probe.clone());
+                        let spawned = life.spawn(async move {
+                            let _guard = guard;
+                            std::future::pending::<()>().await;
+                        });
+                        async move { spawned.map_err(|e| e.to_string()) }
+                    })
+                    .on_stop({
+                        let probe = self.probe.clone();
+                        move || {
+                            probe.stops.fetch_add(1, Ordering::SeqCst);
+                            async {}
+                        }
+                    })
+                    .into_service(),
+            );
+            let probe = self.probe.clone();
+            r.on_connection_closed(move |_| {
+                probe.closed.fetch_add(1, Ordering::SeqCst);
+            });
+            let probe = self.probe.clone();
+            r.health_check(move || lock(&probe.degraded).clone());
+            r.channel("probe", Arc::new(ProbeChannel(self.probe.clone())));
+            r.method("probe.whoami").scope(scope::READ).sync(|ctx, _| {
+                Ok(json!({"conn": ctx.conn_id().0, "client": ctx.client().id, "role": ctx.role() == Role::Node}))
+            });
+            r.event("plugin.probe.note");
+            let events = self.events.clone();
+            r.method("probe.note")
+                .scope(scope::WRITE)
+                .sync(move |_, params| {
+                    let n: Value = params.parse()?;
+                    let reached = events
+                        .broadcast(scope::READ, "plugin.probe.note", &n)
+                        .unwrap_or(0);
+                    Ok(json!(reached))
+                });
+        }
+    }
+
+    fn probe(p: &Arc<Probe>) -> PluginFactory {
+        let p = p.clone();
+        PluginFactory::new("probe", "1", move |ctx: PluginContext| {
+            Ok(Arc::new(ProbePlugin {
+                probe: p.clone(),
+                life: ctx.life.clone(),
+                events: ctx.events.clone(),
+            }))
+        })
+    }
+
+    /// Yield until `counter` reaches `want` (a task's end is processed by
+    /// the runtime after the abort), at most a few seconds.
+    async fn until(counter: &AtomicU64, want: u64) -> u64 {
+        for _ in 0..10_000 {
+            if counter.load(Ordering::SeqCst) >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        counter.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_restart_stops_services_a_crash_stops_nothing_and_a_new_host_starts_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Probe::default());
+        let host = TestHost::builder(dir.path())
+            .plugin(probe(&p))
+            .start()
+            .await
+            .unwrap();
+        let client = host.connect_operator(&[scope::WRITE]);
+        assert_eq!(p.starts.load(Ordering::SeqCst), 1);
+
+        host.restart().await.unwrap();
+        assert_eq!(
+            (
+                p.stops.load(Ordering::SeqCst),
+                p.starts.load(Ordering::SeqCst)
+            ),
+            (1, 2),
+            "a restart stops the old services, then starts the new ones"
+        );
+        assert_eq!(
+            until(&p.tasks_ended, 1).await,
+            1,
+            "generation 1's task ended"
+        );
+        assert!(client.is_connected(), "connections survive a restart");
+        assert_eq!(
+            client
+                .send("probe", "x", json!("before"), "k0")
+                .await
+                .unwrap(),
+            "m-k0"
+        );
+
+        host.crash();
+        assert_eq!(
+            until(&p.tasks_ended, 2).await,
+            2,
+            "the crashed generation's task is gone"
+        );
+        assert_eq!(
+            p.stops.load(Ordering::SeqCst),
+            1,
+            "a crash stops no service"
+        );
+        assert_eq!(
+            p.closed.load(Ordering::SeqCst),
+            0,
+            "and runs no connection-closed hook"
+        );
+        assert!(!client.is_connected(), "connections die with the process");
+        let gone = client.call("probe.whoami", json!({})).await.unwrap_err();
+        assert_eq!(gone.code, plugin_api::ErrorCode::Unavailable);
+        assert_eq!(lock(&p.sent).len(), 1);
+
+        // A new process on the same state directory: fresh generation 1,
+        // connection ids never handed out before.
+        let host = TestHost::builder(dir.path())
+            .plugin(probe(&p))
+            .start()
+            .await
+            .unwrap();
+        assert_eq!(host.gateway().stats().generation, 1);
+        assert_eq!(p.starts.load(Ordering::SeqCst), 3);
+        let again = host.connect_operator(&[scope::READ]);
+        assert!(again.conn_id().0 > client.conn_id().0);
+        let me = again.call("probe.whoami", json!({})).await.unwrap();
+        assert_eq!(me["conn"], again.conn_id().0);
+        host.shutdown().await;
+        assert_eq!(
+            p.stops.load(Ordering::SeqCst),
+            2,
+            "shutdown stops the services"
+        );
+        let after = again.call("probe.whoami", json!({})).await.unwrap_err();
+        assert_eq!(after.details.unwrap()["reason"], "gateway-closing");
+    }
+
+    #[tokio::test]
+    async fn health_names_a_degraded_plugin_and_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Probe::default());
+        let host = TestHost::builder(dir.path())
+            .plugin(probe(&p))
+            .start()
+            .await
+            .unwrap();
+        assert_eq!(host.degraded("probe").await.unwrap(), None);
+        assert_eq!(host.health().await.unwrap()["ok"], true);
+        *lock(&p.degraded) = Some("disk full".into());
+        assert_eq!(
+            host.degraded("probe").await.unwrap().as_deref(),
+            Some("disk full")
+        );
+        assert_eq!(host.degraded("core").await.unwrap(), None);
+        let health = host.health().await.unwrap();
+        assert_eq!(health["ok"], false, "{health}");
+        assert_eq!(health["generation"], 1);
+        *lock(&p.degraded) = None;
+        assert_eq!(host.degraded("probe").await.unwrap(), None);
+        host.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn send_goes_through_the_core_plugin_and_its_scope_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Probe::default());
+        let host = TestHost::builder(dir.path())
+            .plugin(probe(&p))
+            .start()
+            .await
+            .unwrap();
+        let writer = host.connect_operator(&[scope::WRITE]);
+        let reader = host.connect_operator(&[scope::READ]);
+        let id = writer
+            .send("probe", "room-1", json!({"text": "hi"}), "key-1")
+            .await
+            .unwrap();
+        assert_eq!(id, "m-key-1");
+        let sent = lock(&p.sent).clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, writer.conn_id(), "the channel sees the caller");
+        assert_eq!(
+            (
+                sent[0].1.to.as_str(),
+                &sent[0].1.message,
+                sent[0].1.idempotency_key.as_str()
+            ),
+            ("room-1", &json!({"text": "hi"}), "key-1")
+        );
+        let denied = reader
+            .send("probe", "room-1", json!("x"), "key-2")
+            .await
+            .unwrap_err();
+        assert_eq!(denied.details_code(), Some("MISSING_SCOPE"));
+        let unknown = writer
+            .send("nope", "room-1", json!("x"), "key-3")
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.details_code(), Some("UNKNOWN_CHANNEL"));
+        assert_eq!(lock(&p.sent).len(), 1, "refused sends reach no channel");
+        host.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn connections_carry_their_identity_and_every_delivery_is_logged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Probe::default());
+        let host = TestHost::builder(dir.path())
+            .plugin(probe(&p))
+            .start()
+            .await
+            .unwrap();
+        let bncr = ClientInfo {
+            id: "bncr".into(),
+            mode: "backend".into(),
+            ..ClientInfo::default()
+        };
+        let a = host.connect(Role::Operator, &[scope::WRITE], bncr);
+        let b = host.connect_operator(&[scope::READ]);
+        let node = host.connect(Role::Node, &[scope::READ], ClientInfo::default());
+        let me = a.call("probe.whoami", json!({})).await.unwrap();
+        assert_eq!(
+            me,
+            json!({"conn": a.conn_id().0, "client": "bncr", "role": false})
+        );
+        assert_eq!(a.info().client.mode, "backend");
+        assert!(
+            node.call("probe.whoami", json!({})).await.is_err(),
+            "a node calls no operator method"
+        );
+
+        // A client may be moved into another task; the host wakes on the delivery.
+        let (a_id, b_id) = (a.conn_id(), b.conn_id());
+        let caller = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            a.call("probe.note", json!(1)).await.unwrap()
+        });
+        let arrived = host
+            .wait_until(Duration::from_secs(5), || {
+                b.events_named("plugin.probe.note").len() == 1
+            })
+            .await;
+        assert!(arrived);
+        assert_eq!(caller.await.unwrap(), 2, "both operators, not the node");
+        b.disconnect();
+        let log = host.events_named("plugin.probe.note");
+        let to: Vec<ConnId> = log.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            to,
+            [a_id, b_id],
+            "in delivery order, closed connections included"
+        );
+        assert!(log.iter().all(|(_, e)| e.payload == 1));
+        assert_eq!(p.closed.load(Ordering::SeqCst), 1);
+        assert!(
+            !host.wait_until(Duration::from_millis(1), || false).await,
+            "false when the time is up"
+        );
+        host.shutdown().await;
     }
 }
