@@ -311,8 +311,13 @@ impl TestHost {
         }
     }
 
-    /// Every event called `name` delivered to any connection (closed ones
-    /// included), in delivery order, with the connection that received it.
+    /// Every event delivered to any connection (closed ones included), in
+    /// delivery order, with the connection that received it.
+    pub fn events(&self) -> Vec<(ConnId, ReceivedEvent)> {
+        self.shared.transport.delivered(|_, _| true)
+    }
+
+    /// The deliveries of events called `name`, as [`TestHost::events`].
     pub fn events_named(&self, name: &str) -> Vec<(ConnId, ReceivedEvent)> {
         self.shared.transport.delivered(|_, e| e.name == name)
     }
@@ -936,6 +941,7 @@ mod tests {
         assert!(arrived);
         assert_eq!(caller.await.unwrap(), 2, "both operators, not the node");
         b.disconnect();
+        assert_eq!(host.events(), host.events_named("plugin.probe.note"));
         let log = host.events_named("plugin.probe.note");
         let to: Vec<ConnId> = log.iter().map(|(c, _)| *c).collect();
         assert_eq!(

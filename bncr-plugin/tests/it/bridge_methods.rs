@@ -1,31 +1,29 @@
 //! The `bncr.*` methods within one generation: the happy path, leases,
 //! malformed params, retries, dead letters and acks.
 
-use crate::common::Host;
+use crate::common::{
+    admin, bncr_client, delivered, diag, ok, operator, pushes, send, start, state_dir, wait_for,
+};
 use plugin_api::ErrorCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 const TO: &str = "Bncr:qq:0:10001";
-/// A connection the test host does not know: it calls as an internal admin.
-const ADMIN: u64 = 0;
-/// A chat operator: an operator connection with `operator.write` that is not
-/// a Bncr client.
-const OP: u64 = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_inbound_send_push_ack() {
-    let host = Host::new(json!({}));
-    host.transport.connect(1);
-    host.transport.connect(OP);
-    let g = host.start(1).await;
-    let c = g
-        .ok(
-            1,
-            "bncr.connect",
-            json!({"accountId": "default", "clientId": "bncr-1"}),
-        )
-        .await;
+    let dir = state_dir();
+    // The operator opens in this generation; without a grace it is an
+    // operator at once (the grace has its own tests in inbound_hand_on).
+    let host = start(dir.path(), json!({"inboundGraceMs": 0})).await;
+    let client = bncr_client(&host);
+    let op = operator(&host);
+    let c = ok(
+        &client,
+        "bncr.connect",
+        json!({"accountId": "default", "clientId": "bncr-1"}),
+    )
+    .await;
     for f in [
         "bridgeVersion",
         "leaseId",
@@ -51,20 +49,19 @@ async fn connect_inbound_send_push_ack() {
         .as_object_mut()
         .unwrap()
         .extend(lease.as_object().unwrap().clone());
-    let r = g.ok(1, "bncr.inbound", inbound).await;
+    let r = ok(&client, "bncr.inbound", inbound).await;
     assert_eq!(r["accepted"], true);
     assert_eq!(r["msgId"], "in-1");
     // Hand-on to operators runs in the bridge's inbound loop, after the
     // journaled `accepted: true`.
-    host.transport
-        .wait_for("chat.inbound", Duration::from_secs(5), |t| {
-            !t.named("chat.inbound").is_empty()
-        })
-        .await;
-    let ev = host.transport.named("chat.inbound");
+    wait_for(&host, "chat.inbound", || {
+        !host.events_named("chat.inbound").is_empty()
+    })
+    .await;
+    let ev = host.events_named("chat.inbound");
     assert_eq!(ev.len(), 1, "the operator, not the Bncr client: {ev:?}");
-    assert_eq!(ev[0].conn, Some(OP));
-    let p = &ev[0].payload;
+    assert_eq!(ev[0].0, op.conn_id());
+    let p = &ev[0].1.payload;
     assert_eq!(
         (
             p["channel"].as_str(),
@@ -76,11 +73,9 @@ async fn connect_inbound_send_push_ack() {
     assert_eq!(p["type"], "text");
     assert_eq!(p["sessionKey"], r["sessionKey"]);
 
-    let id = g.send(TO, json!("reply"), "op-1").await.unwrap();
-    host.transport
-        .wait_for("push", Duration::from_secs(5), |t| t.pushes(1).len() == 1)
-        .await;
-    let push = host.transport.named("plugin.bncr.push").remove(0).payload;
+    let id = send(&op, TO, json!("reply"), "op-1").await.unwrap();
+    wait_for(&host, "push", || pushes(&client).len() == 1).await;
+    let push = delivered(&host, "plugin.bncr.push").remove(0);
     assert_eq!(push["type"], "message.outbound");
     assert_eq!(push["messageId"], id.as_str());
     assert_eq!(push["idempotencyKey"], id.as_str());
@@ -88,14 +83,14 @@ async fn connect_inbound_send_push_ack() {
         push["message"],
         json!({"platform": "qq", "groupId": "0", "userId": "10001", "type": "text", "msg": "reply"})
     );
-    let a = g.ok(1, "bncr.ack", json!({"messageId": id})).await;
+    let a = ok(&client, "bncr.ack", json!({"messageId": id})).await;
     assert_eq!(a["ok"], true);
-    let a = g.ok(1, "bncr.ack", json!({"messageId": id})).await;
+    let a = ok(&client, "bncr.ack", json!({"messageId": id})).await;
     assert_eq!(
         a["message"], "already-acked-or-missing",
         "acks are idempotent"
     );
-    let act = g.ok(1, "bncr.activity", lease.clone()).await;
+    let act = ok(&client, "bncr.activity", lease.clone()).await;
     assert_eq!(
         (
             act["ok"].as_bool(),
@@ -104,57 +99,55 @@ async fn connect_inbound_send_push_ack() {
         ),
         (Some(true), Some(0), Some(1))
     );
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_per_account() {
-    let host = Host::new(json!({}));
-    let g = host.start(1).await;
-    let a = g.ok(1, "bncr.connect", json!({"accountId": "A"})).await;
-    let b1 = g.ok(2, "bncr.connect", json!({"accountId": "B"})).await;
-    let b2 = g.ok(3, "bncr.connect", json!({"accountId": "B"})).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({})).await;
+    let (c1, c2, c3) = (bncr_client(&host), bncr_client(&host), bncr_client(&host));
+    let op = operator(&host);
+    let a = ok(&c1, "bncr.connect", json!({"accountId": "A"})).await;
+    let b1 = ok(&c2, "bncr.connect", json!({"accountId": "B"})).await;
+    let b2 = ok(&c3, "bncr.connect", json!({"accountId": "B"})).await;
     assert_eq!(b2["connectionEpoch"], 2);
     let msg = |acc: &str, lease: &Value, id: &str| json!({"accountId": acc, "leaseId": lease["leaseId"], "platform": "tg", "userId": "u", "msgId": id});
-    let r = g.ok(1, "bncr.inbound", msg("A", &a, "1")).await;
+    let r = ok(&c1, "bncr.inbound", msg("A", &a, "1")).await;
     assert_eq!(
         r["accepted"], true,
         "B's second client must not make A's lease stale"
     );
-    let r = g.ok(2, "bncr.inbound", msg("B", &b1, "2")).await;
+    let r = ok(&c2, "bncr.inbound", msg("B", &b1, "2")).await;
     assert_eq!(
         r,
         json!({"accepted": false, "stale": true, "accountId": "B"})
     );
-    let r = g.ok(3, "bncr.inbound", msg("B", &b2, "3")).await;
+    let r = ok(&c3, "bncr.inbound", msg("B", &b2, "3")).await;
     assert_eq!(r["accepted"], true);
-    let r = g
-        .ok(
-            2,
-            "bncr.activity",
-            json!({"accountId": "B", "leaseId": b1["leaseId"]}),
-        )
-        .await;
+    let r = ok(
+        &c2,
+        "bncr.activity",
+        json!({"accountId": "B", "leaseId": b1["leaseId"]}),
+    )
+    .await;
     assert_eq!(r["stale"], true);
     // Outbound for B goes to B's current lease holder only.
-    host.transport.connect(2);
-    host.transport.connect(3);
-    g.send(TO, json!({"msg": "to b", "accountId": "B"}), "b-1")
+    send(&op, TO, json!({"msg": "to b", "accountId": "B"}), "b-1")
         .await
         .unwrap();
-    host.transport
-        .wait_for("push to 3", Duration::from_secs(5), |t| {
-            t.pushes(3).len() == 1
-        })
-        .await;
-    assert!(host.transport.pushes(2).is_empty());
-    g.stop().await;
+    wait_for(&host, "push to the third", || pushes(&c3).len() == 1).await;
+    assert!(pushes(&c2).is_empty());
+    assert_eq!(delivered(&host, "plugin.bncr.push").len(), 1);
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_params_give_clear_invalid_request_errors() {
-    let host = Host::new(json!({"accounts": ["Primary", "B"]}));
-    let g = host.start(1).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"accounts": ["Primary", "B"]})).await;
+    // An admin may call every method, so each case meets the param check.
+    let admin = admin(&host);
     let cases: &[(&str, Value, &str)] = &[
         (
             "bncr.inbound",
@@ -247,8 +240,8 @@ async fn malformed_params_give_clear_invalid_request_errors() {
         ("bncr.activity", json!([1, 2]), "invalid params"),
     ];
     for (method, params, want) in cases {
-        let err = g
-            .call(1, method, params.clone())
+        let err = admin
+            .call(method, params.clone())
             .await
             .expect_err(&format!("{method} {params} should fail"));
         assert_eq!(
@@ -274,8 +267,7 @@ async fn malformed_params_give_clear_invalid_request_errors() {
             "unknown accountId",
         ),
     ] {
-        let err = g
-            .send(to, message.clone(), "k")
+        let err = send(&admin, to, message.clone(), "k")
             .await
             .expect_err("send should fail");
         assert_eq!(err.code, ErrorCode::InvalidRequest);
@@ -286,28 +278,32 @@ async fn malformed_params_give_clear_invalid_request_errors() {
         );
     }
     // Unknown fields are ignored.
-    let r = g
-        .ok(
-            1,
-            "bncr.inbound",
-            json!({"platform": "qq", "userId": "1", "futureField": [1]}),
-        )
-        .await;
+    let r = ok(
+        &admin,
+        "bncr.inbound",
+        json!({"platform": "qq", "userId": "1", "futureField": [1]}),
+    )
+    .await;
     assert_eq!(r["accepted"], true);
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_back_off_then_dead_letter_after_the_limit() {
-    let host = Host::new(json!({"retryLimit": 3, "retryBaseMs": 15, "retryCapMs": 40}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"retryLimit": 3, "retryBaseMs": 15, "retryCapMs": 40}),
+    )
+    .await;
+    let client = bncr_client(&host);
+    let op = operator(&host);
+    ok(&client, "bncr.connect", json!({})).await;
     let started = std::time::Instant::now();
-    let id = g.send(TO, json!("never acked"), "r-1").await.unwrap();
+    let id = send(&op, TO, json!("never acked"), "r-1").await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let d = g.ok(1, "bncr.diagnostics", json!({})).await;
+        let d = diag(&client).await;
         if d["deadLetter"] == 1 {
             break;
         }
@@ -319,109 +315,97 @@ async fn retries_back_off_then_dead_letter_after_the_limit() {
     }
     // Pushes at 0, 15 and 15+30 ms; dead once the third push's 40 ms wait passed.
     assert!(started.elapsed() >= Duration::from_millis(15 + 30 + 40));
-    assert_eq!(host.transport.pushes(1), vec![id.clone(); 3]);
-    let ins = g.ok(1, "bncr.deadLetter.inspect", json!({})).await;
+    assert_eq!(pushes(&client), vec![id.clone(); 3]);
+    let ins = ok(&client, "bncr.deadLetter.inspect", json!({})).await;
     assert_eq!(ins["total"], 1);
     assert_eq!(ins["entries"][0]["messageId"], id.as_str());
     assert_eq!(ins["entries"][0]["reason"], "retry-limit");
     assert_eq!(ins["entries"][0]["attempts"], 3);
     assert_eq!(ins["entries"][0]["preview"], "never acked");
-    let a = g.ok(1, "bncr.ack", json!({"messageId": id})).await;
+    let a = ok(&client, "bncr.ack", json!({"messageId": id})).await;
     assert_eq!(a["message"], "already-acked-or-missing");
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_retries_and_fatal_dead_letters() {
-    let host = Host::new(json!({"retryBaseMs": 10, "retryCapMs": 20}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
-    let id = g.send(TO, json!("a"), "n-1").await.unwrap();
-    host.transport
-        .wait_for("push", Duration::from_secs(5), |t| t.pushes(1).len() == 1)
-        .await;
-    let r = g
-        .ok(
-            1,
-            "bncr.ack",
-            json!({"messageId": id, "ok": false, "error": "adapter busy"}),
-        )
-        .await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"retryBaseMs": 10, "retryCapMs": 20})).await;
+    let client = bncr_client(&host);
+    let op = operator(&host);
+    ok(&client, "bncr.connect", json!({})).await;
+    let id = send(&op, TO, json!("a"), "n-1").await.unwrap();
+    wait_for(&host, "push", || pushes(&client).len() == 1).await;
+    let r = ok(
+        &client,
+        "bncr.ack",
+        json!({"messageId": id, "ok": false, "error": "adapter busy"}),
+    )
+    .await;
     assert_eq!(r["willRetry"], true);
-    host.transport
-        .wait_for("retry push", Duration::from_secs(5), |t| {
-            // At least one retry (more may follow every 20 ms).
-            t.pushes(1).len() >= 2
-        })
-        .await;
-    let r = g
-        .ok(
-            1,
-            "bncr.ack",
-            json!({"messageId": id, "ok": false, "fatal": true, "error": "blocked"}),
-        )
-        .await;
+    // At least one retry (more may follow every 20 ms).
+    wait_for(&host, "retry push", || pushes(&client).len() >= 2).await;
+    let r = ok(
+        &client,
+        "bncr.ack",
+        json!({"messageId": id, "ok": false, "fatal": true, "error": "blocked"}),
+    )
+    .await;
     assert_eq!(r["movedToDeadLetter"], true);
-    let r = g
-        .ok(
-            1,
-            "bncr.ack",
-            json!({"messageId": id, "ok": false, "fatal": true}),
-        )
-        .await;
+    let r = ok(
+        &client,
+        "bncr.ack",
+        json!({"messageId": id, "ok": false, "fatal": true}),
+    )
+    .await;
     assert_eq!(r["message"], "already-acked-or-missing");
-    let ins = g
-        .ok(1, "bncr.deadLetter.inspect", json!({"reason": "fatal"}))
-        .await;
+    let ins = ok(
+        &client,
+        "bncr.deadLetter.inspect",
+        json!({"reason": "fatal"}),
+    )
+    .await;
     assert_eq!(ins["total"], 1);
     assert_eq!(ins["entries"][0]["error"], "blocked");
     // The next message is not held up by the dead one.
-    let id2 = g.send(TO, json!("b"), "n-2").await.unwrap();
-    host.transport
-        .wait_for("second message", Duration::from_secs(5), |t| {
-            t.pushes(1).contains(&id2)
-        })
-        .await;
-    g.stop().await;
+    let id2 = send(&op, TO, json!("b"), "n-2").await.unwrap();
+    wait_for(&host, "second message", || pushes(&client).contains(&id2)).await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_requires_a_filter_and_dry_run_is_the_default() {
-    let host = Host::new(json!({}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({})).await;
+    let client = bncr_client(&host);
+    let op = operator(&host);
+    let admin = admin(&host);
+    ok(&client, "bncr.connect", json!({})).await;
     for i in 0..3 {
-        let id = g
-            .send(TO, json!(format!("d{i}")), &format!("d{i}"))
+        let id = send(&op, TO, json!(format!("d{i}")), &format!("d{i}"))
             .await
             .unwrap();
-        host.transport
-            .wait_for("push", Duration::from_secs(5), |t| {
-                t.pushes(1).contains(&id)
-            })
-            .await;
-        g.ok(
-            1,
+        wait_for(&host, "push", || pushes(&client).contains(&id)).await;
+        ok(
+            &client,
             "bncr.ack",
             json!({"messageId": id, "ok": false, "fatal": true}),
         )
         .await;
     }
     // Destructive: operator.write is not enough, even for a dry run.
-    let err = g
-        .call(1, "bncr.deadLetter.prune", json!({"reason": "fatal"}))
+    let err = client
+        .call("bncr.deadLetter.prune", json!({"reason": "fatal"}))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
-    let err = g
-        .call(ADMIN, "bncr.deadLetter.prune", json!({"dryRun": false}))
+    let err = admin
+        .call("bncr.deadLetter.prune", json!({"dryRun": false}))
         .await
         .unwrap_err();
     assert_eq!(err.message, "deadLetter-prune-requires-filter");
     assert_eq!(err.details_code(), Some("deadLetter-prune-requires-filter"));
-    let dry = g.ok(ADMIN, "bncr.deadLetter.prune", json!({})).await;
+    let dry = ok(&admin, "bncr.deadLetter.prune", json!({})).await;
     assert_eq!(
         (
             dry["dryRun"].as_bool(),
@@ -430,13 +414,12 @@ async fn prune_requires_a_filter_and_dry_run_is_the_default() {
         ),
         (Some(true), Some(3), Some(0))
     );
-    let page = g
-        .ok(
-            1,
-            "bncr.deadLetter.inspect",
-            json!({"limit": 2, "offset": 2}),
-        )
-        .await;
+    let page = ok(
+        &client,
+        "bncr.deadLetter.inspect",
+        json!({"limit": 2, "offset": 2}),
+    )
+    .await;
     assert_eq!(
         (
             page["total"].as_u64(),
@@ -444,115 +427,121 @@ async fn prune_requires_a_filter_and_dry_run_is_the_default() {
         ),
         (Some(3), Some(1))
     );
-    let none = g
-        .ok(
-            ADMIN,
-            "bncr.deadLetter.prune",
-            json!({"dryRun": false, "reason": "retry-limit"}),
-        )
-        .await;
+    let none = ok(
+        &admin,
+        "bncr.deadLetter.prune",
+        json!({"dryRun": false, "reason": "retry-limit"}),
+    )
+    .await;
     assert_eq!(none["removed"], 0);
-    let real = g
-        .ok(
-            ADMIN,
-            "bncr.deadLetter.prune",
-            json!({"dryRun": false, "reason": "fatal"}),
-        )
-        .await;
+    let real = ok(
+        &admin,
+        "bncr.deadLetter.prune",
+        json!({"dryRun": false, "reason": "fatal"}),
+    )
+    .await;
     assert_eq!(real["removed"], 3);
     assert_eq!(
-        g.ok(1, "bncr.deadLetter.inspect", json!({})).await["total"],
+        ok(&client, "bncr.deadLetter.inspect", json!({})).await["total"],
         0
     );
-    assert_eq!(
-        g.ok(1, "bncr.diagnostics", json!({})).await["deadLetter"],
-        0
-    );
-    g.stop().await;
+    assert_eq!(diag(&client).await["deadLetter"], 0);
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_refuse_and_echo_replies_through_the_outbox() {
-    let host = Host::new(
-        json!({"dmPolicy": "allowlist", "allowFrom": ["qq:7"], "groupPolicy": "disabled", "echo": {"enabled": true, "prefix": "> "}}),
-    );
-    host.transport.connect(1);
-    host.transport.connect(OP);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
-    let r = g
-        .ok(
-            1,
-            "bncr.inbound",
-            json!({"platform": "qq", "userId": "8", "msg": "x"}),
-        )
-        .await;
+    let dir = state_dir();
+    // No grace: the echo counts as a receiver, so an operator still in its
+    // grace would never be offered the message.
+    let host = start(
+        dir.path(),
+        json!({"dmPolicy": "allowlist", "allowFrom": ["qq:7"], "groupPolicy": "disabled", "echo": {"enabled": true, "prefix": "> "}, "inboundGraceMs": 0}),
+    )
+    .await;
+    let client = bncr_client(&host);
+    let op = operator(&host);
+    ok(&client, "bncr.connect", json!({})).await;
+    let r = ok(
+        &client,
+        "bncr.inbound",
+        json!({"platform": "qq", "userId": "8", "msg": "x"}),
+    )
+    .await;
     assert_eq!(
         (r["accepted"].as_bool(), r["reason"].as_str()),
         (Some(false), Some("not-allowlisted"))
     );
-    let r = g
-        .ok(
-            1,
-            "bncr.inbound",
-            json!({"platform": "qq", "groupId": "9", "userId": "7", "msg": "x"}),
-        )
-        .await;
+    let r = ok(
+        &client,
+        "bncr.inbound",
+        json!({"platform": "qq", "groupId": "9", "userId": "7", "msg": "x"}),
+    )
+    .await;
     assert_eq!(r["reason"], "group-disabled");
-    let r = g
-        .ok(
-            1,
-            "bncr.inbound",
-            json!({"platform": "qq", "userId": "7", "msg": "ping", "msgId": "e1"}),
-        )
-        .await;
+    let r = ok(
+        &client,
+        "bncr.inbound",
+        json!({"platform": "qq", "userId": "7", "msg": "ping", "msgId": "e1"}),
+    )
+    .await;
     assert_eq!(r["accepted"], true);
-    host.transport
-        .wait_for("echo push", Duration::from_secs(5), |t| {
-            t.pushes(1).len() == 1
-        })
-        .await;
-    let push = host.transport.named("plugin.bncr.push").remove(0).payload;
+    wait_for(&host, "echo push", || pushes(&client).len() == 1).await;
+    let push = delivered(&host, "plugin.bncr.push").remove(0);
     assert_eq!(push["message"]["msg"], "> ping");
     assert_eq!(push["message"]["userId"], "7");
-    host.transport
-        .wait_for("chat.inbound", Duration::from_secs(5), |t| {
-            !t.to_conn(OP, "chat.inbound").is_empty()
-        })
-        .await;
-    assert_eq!(host.transport.to_conn(OP, "chat.inbound").len(), 1);
-    assert!(host.transport.to_conn(1, "chat.inbound").is_empty());
-    g.stop().await;
+    wait_for(&host, "chat.inbound", || {
+        !op.events_named("chat.inbound").is_empty()
+    })
+    .await;
+    assert_eq!(op.events_named("chat.inbound").len(), 1);
+    assert!(client.events_named("chat.inbound").is_empty());
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closed_connection_goes_offline_and_handlers_refuse_when_store_closed() {
-    let host = Host::new(json!({}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    let c = g.ok(1, "bncr.connect", json!({})).await;
-    g.connection_closed(1);
-    let d = g.ok(1, "bncr.diagnostics", json!({})).await;
+async fn closed_connection_goes_offline_and_requests_after_the_stop_are_refused_and_lose_nothing() {
+    let dir = state_dir();
+    let host = start(dir.path(), json!({})).await;
+    let first = bncr_client(&host);
+    let op = operator(&host);
+    let c = ok(&first, "bncr.connect", json!({})).await;
+    first.disconnect();
+    let d = diag(&op).await;
     assert_eq!(d["accounts"][0]["online"], false);
-    let id = g.send(TO, json!("later"), "o-1").await.unwrap();
+    // The client comes back on a new connection, but has not said so yet.
+    let back = bncr_client(&host);
+    let id = send(&op, TO, json!("later"), "o-1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(host.transport.pushes(1).is_empty());
-    // The same client heartbeats with its lease: re-attached, delivery resumes.
-    g.ok(1, "bncr.activity", json!({"leaseId": c["leaseId"]}))
-        .await;
-    host.transport
-        .wait_for("push after reattach", Duration::from_secs(5), |t| {
-            t.pushes(1) == vec![id.clone()]
-        })
-        .await;
-    for s in g.decl.services.iter().rev() {
-        s.clone().stop().await;
-    }
-    let err = g
-        .call(1, "bncr.ack", json!({"messageId": id}))
+    assert!(
+        host.events_named("plugin.bncr.push").is_empty(),
+        "nothing pushed while the lease is offline"
+    );
+    // It heartbeats with its lease: re-attached, delivery resumes.
+    ok(&back, "bncr.activity", json!({"leaseId": c["leaseId"]})).await;
+    wait_for(&host, "push after reattach", || {
+        pushes(&back) == vec![id.clone()]
+    })
+    .await;
+
+    // Once the gateway stopped, requests are refused cleanly...
+    host.shutdown().await;
+    let err = back
+        .call("bncr.ack", json!({"messageId": id}))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Unavailable);
-    assert!(g.send(TO, json!("x"), "o-2").await.is_err());
-    g.ctl.retire();
+    let err = send(&op, TO, json!("x"), "o-2").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    // ... and lose nothing: the unacked message waits for the next process,
+    // the refused one was never queued.
+    let host = start(dir.path(), json!({})).await;
+    let again = bncr_client(&host);
+    let r = ok(&again, "bncr.connect", json!({})).await;
+    assert_eq!(r["pending"], 1, "{r}");
+    wait_for(&host, "push in the next process", || {
+        pushes(&again) == vec![id.clone()]
+    })
+    .await;
+    host.shutdown().await;
 }

@@ -1,11 +1,12 @@
 //! Files both ways: client-to-gateway spooling with sha256 checks, and
 //! gateway-to-client chunks each waiting for `bncr.file.ack`.
 
-use crate::common::Host;
+use crate::common::{
+    bncr_client, delivered, ok, operator, pushes, send, start, state_dir, wait_for,
+};
 use base64::Engine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::time::Duration;
 
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
@@ -16,22 +17,22 @@ fn sha(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_file_end_to_end_and_corrupted_chunk_rejected() {
-    let host = Host::new(json!({"fileMinChunkBytes": 4096}));
-    let g = host.start(1).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"fileMinChunkBytes": 4096})).await;
+    let c = bncr_client(&host);
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     let chunk = 4096usize;
     let init = json!({"transferId": "t-1", "fileName": "../pic.png", "mimeType": "image/png", "fileSize": data.len(),
         "chunkSize": chunk, "totalChunks": 3, "fileSha256": sha(&data), "platform": "qq", "userId": "1"});
-    let r = g.ok(1, "bncr.file.init", init.clone()).await;
+    let r = ok(&c, "bncr.file.init", init.clone()).await;
     assert_eq!(
         (r["ok"].as_bool(), r["status"].as_str()),
         (Some(true), Some("init"))
     );
-    assert_eq!(g.ok(1, "bncr.file.init", init).await["duplicated"], true);
+    assert_eq!(ok(&c, "bncr.file.init", init).await["duplicated"], true);
 
-    let bad = g
+    let bad = c
         .call(
-            1,
             "bncr.file.chunk",
             json!({"transferId": "t-1", "chunkIndex": 0, "offset": 0, "size": chunk,
             "chunkSha256": sha(b"something else"), "base64": b64(&data[..chunk])}),
@@ -39,8 +40,8 @@ async fn client_file_end_to_end_and_corrupted_chunk_rejected() {
         .await
         .unwrap_err();
     assert_eq!(bad.message, "chunk sha256 mismatch");
-    let early = g
-        .call(1, "bncr.file.complete", json!({"transferId": "t-1"}))
+    let early = c
+        .call("bncr.file.complete", json!({"transferId": "t-1"}))
         .await
         .unwrap_err();
     assert!(early.message.contains("missing 3 chunks"), "{early}");
@@ -51,201 +52,205 @@ async fn client_file_end_to_end_and_corrupted_chunk_rejected() {
     );
 
     for (i, part) in data.chunks(chunk).enumerate() {
-        let r = g
-            .ok(1, "bncr.file.chunk", json!({"transferId": "t-1", "chunkIndex": i, "offset": i * chunk, "size": part.len(),
-                "chunkSha256": sha(part), "base64": b64(part)}))
-            .await;
+        let r = ok(
+            &c,
+            "bncr.file.chunk",
+            json!({"transferId": "t-1", "chunkIndex": i, "offset": i * chunk, "size": part.len(),
+                "chunkSha256": sha(part), "base64": b64(part)}),
+        )
+        .await;
         assert_eq!(
             (r["received"].as_u64(), r["totalChunks"].as_u64()),
             (Some(i as u64 + 1), Some(3))
         );
     }
-    let done = g
-        .ok(1, "bncr.file.complete", json!({"transferId": "t-1"}))
-        .await;
+    let done = ok(&c, "bncr.file.complete", json!({"transferId": "t-1"})).await;
     assert_eq!(done["fileSha256"], sha(&data));
     assert_eq!(done["size"], data.len());
     assert_eq!(done["fileName"], "pic.png");
     let path = std::path::PathBuf::from(done["path"].as_str().unwrap());
-    assert!(path.starts_with(host.dir.path().join("bncr/files")));
+    assert!(path.starts_with(dir.path().join("bncr/files")));
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert!(
-        g.call(1, "bncr.file.complete", json!({"transferId": "t-1"}))
+        c.call("bncr.file.complete", json!({"transferId": "t-1"}))
             .await
             .is_err(),
         "transfer is gone"
     );
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_file_mismatch_and_abort() {
-    let host = Host::new(json!({}));
-    let g = host.start(1).await;
-    g.ok(
-        1,
+    let dir = state_dir();
+    let host = start(dir.path(), json!({})).await;
+    let c = bncr_client(&host);
+    ok(
+        &c,
         "bncr.file.init",
         json!({"transferId": "t-2", "fileSize": 3, "chunkSize": 3, "fileSha256": sha(b"xyz")}),
     )
     .await;
-    g.ok(
-        1,
+    ok(
+        &c,
         "bncr.file.chunk",
         json!({"transferId": "t-2", "chunkIndex": 0, "offset": 0, "base64": b64(b"abc")}),
     )
     .await;
-    let e = g
-        .call(1, "bncr.file.complete", json!({"transferId": "t-2"}))
+    let e = c
+        .call("bncr.file.complete", json!({"transferId": "t-2"}))
         .await
         .unwrap_err();
     assert_eq!(e.message, "file sha256 mismatch");
-    g.ok(
-        1,
+    ok(
+        &c,
         "bncr.file.init",
         json!({"transferId": "t-3", "fileSize": 3}),
     )
     .await;
-    let r = g
-        .ok(
-            1,
-            "bncr.file.abort",
-            json!({"transferId": "t-3", "reason": "user"}),
-        )
-        .await;
+    let r = ok(
+        &c,
+        "bncr.file.abort",
+        json!({"transferId": "t-3", "reason": "user"}),
+    )
+    .await;
     assert_eq!(r["status"], "aborted");
-    let e = g
+    let e = c
         .call(
-            1,
             "bncr.file.chunk",
             json!({"transferId": "t-3", "chunkIndex": 0, "offset": 0, "base64": b64(b"abc")}),
         )
         .await
         .unwrap_err();
     assert_eq!(e.message, "transfer not found");
-    let spool = host.dir.path().join("bncr/files/spool");
+    let spool = dir.path().join("bncr/files/spool");
     assert_eq!(
         std::fs::read_dir(spool).unwrap().count(),
         0,
         "spools removed"
     );
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_file_goes_out_in_acked_chunks_before_the_push() {
-    let host = Host::new(json!({"fileAckTimeoutMs": 5000}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
-    let dir = host.dir.path().join("bncr/files/out");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"fileAckTimeoutMs": 5000})).await;
+    let c = bncr_client(&host);
+    let op = operator(&host);
+    ok(&c, "bncr.connect", json!({})).await;
+    let out = dir.path().join("bncr/files/out");
+    std::fs::create_dir_all(&out).unwrap();
     let data: Vec<u8> = (0..(300 * 1024u32)).map(|i| (i % 253) as u8).collect();
-    let file = dir.join("report.bin");
+    let file = out.join("report.bin");
     std::fs::write(&file, &data).unwrap();
-    let id = g
-        .send(
-            "Bncr:qq:0:1",
-            json!({"type": "file", "path": file, "fileName": "report.bin"}),
-            "f-1",
-        )
-        .await
-        .unwrap();
-    let t = host.transport.clone();
-    t.wait_for("file.init", Duration::from_secs(5), |t| {
-        !t.named("plugin.bncr.file.init").is_empty()
+    let id = send(
+        &op,
+        "Bncr:qq:0:1",
+        json!({"type": "file", "path": file, "fileName": "report.bin"}),
+        "f-1",
+    )
+    .await
+    .unwrap();
+    let named = |name: &str| delivered(&host, name);
+    wait_for(&host, "file.init", || {
+        !named("plugin.bncr.file.init").is_empty()
     })
     .await;
-    let init = t.named("plugin.bncr.file.init").remove(0).payload;
+    let init = named("plugin.bncr.file.init").remove(0);
     assert_eq!(
         (init["totalChunks"].as_u64(), init["fileSize"].as_u64()),
         (Some(2), Some(data.len() as u64))
     );
     assert_eq!(init["fileSha256"], sha(&data));
     let xfer = init["transferId"].as_str().unwrap().to_string();
-    assert!(t.pushes(1).is_empty(), "no push before the file is through");
-    g.ok(
-        1,
+    assert!(pushes(&c).is_empty(), "no push before the file is through");
+    ok(
+        &c,
         "bncr.file.ack",
         json!({"transferId": xfer, "stage": "init", "ok": true}),
     )
     .await;
     let mut got = Vec::new();
     for i in 0..2u64 {
-        t.wait_for("chunk", Duration::from_secs(5), |t| {
-            t.named("plugin.bncr.file.chunk").len() as u64 > i
+        wait_for(&host, "chunk", || {
+            named("plugin.bncr.file.chunk").len() as u64 > i
         })
         .await;
-        let c = t.named("plugin.bncr.file.chunk").remove(i as usize).payload;
+        let chunk = named("plugin.bncr.file.chunk").remove(i as usize);
         let bytes = base64::engine::general_purpose::STANDARD
-            .decode(c["base64"].as_str().unwrap())
+            .decode(chunk["base64"].as_str().unwrap())
             .unwrap();
-        assert_eq!(c["chunkSha256"], sha(&bytes));
+        assert_eq!(chunk["chunkSha256"], sha(&bytes));
         assert!(bytes.len() <= 256 * 1024);
         got.extend(bytes);
-        g.ok(
-            1,
+        ok(
+            &c,
             "bncr.file.ack",
             json!({"transferId": xfer, "stage": "chunk", "chunkIndex": i}),
         )
         .await;
     }
     assert_eq!(got, data);
-    t.wait_for("complete", Duration::from_secs(5), |t| {
-        !t.named("plugin.bncr.file.complete").is_empty()
+    wait_for(&host, "complete", || {
+        !named("plugin.bncr.file.complete").is_empty()
     })
     .await;
-    g.ok(
-        1,
+    ok(
+        &c,
         "bncr.file.ack",
         json!({"transferId": xfer, "stage": "complete", "path": "/client/report.bin"}),
     )
     .await;
-    t.wait_for("push", Duration::from_secs(5), |t| {
-        t.pushes(1) == vec![id.clone()]
-    })
-    .await;
-    let push = t.named("plugin.bncr.push").remove(0).payload;
+    wait_for(&host, "push", || pushes(&c) == vec![id.clone()]).await;
+    let push = named("plugin.bncr.push").remove(0);
     assert_eq!(push["message"]["path"], "/client/report.bin");
-    g.ok(1, "bncr.ack", json!({"messageId": id})).await;
-    g.stop().await;
+    ok(&c, "bncr.ack", json!({"messageId": id})).await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_file_ack_aborts_and_the_message_is_retried() {
-    let host = Host::new(json!({"retryBaseMs": 10, "retryCapMs": 10}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
-    let dir = host.dir.path().join("bncr/files/out");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("a.txt");
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"retryBaseMs": 10, "retryCapMs": 10})).await;
+    let c = bncr_client(&host);
+    let op = operator(&host);
+    ok(&c, "bncr.connect", json!({})).await;
+    let out = dir.path().join("bncr/files/out");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("a.txt");
     std::fs::write(&file, b"hello").unwrap();
-    g.send("Bncr:qq:0:1", json!({"type": "file", "path": file}), "f-2")
-        .await
-        .unwrap();
-    let t = host.transport.clone();
-    t.wait_for("file.init", Duration::from_secs(5), |t| {
-        !t.named("plugin.bncr.file.init").is_empty()
+    send(
+        &op,
+        "Bncr:qq:0:1",
+        json!({"type": "file", "path": file}),
+        "f-2",
+    )
+    .await
+    .unwrap();
+    let named = |name: &str| delivered(&host, name);
+    wait_for(&host, "file.init", || {
+        !named("plugin.bncr.file.init").is_empty()
     })
     .await;
-    let xfer = t.named("plugin.bncr.file.init")[0].payload["transferId"]
+    let xfer = named("plugin.bncr.file.init")[0]["transferId"]
         .as_str()
         .unwrap()
         .to_string();
-    g.ok(
-        1,
+    ok(
+        &c,
         "bncr.file.ack",
         json!({"transferId": xfer, "stage": "init", "ok": false, "errorCode": "disk-full"}),
     )
     .await;
-    t.wait_for("abort", Duration::from_secs(5), |t| {
-        !t.named("plugin.bncr.file.abort").is_empty()
+    wait_for(&host, "abort", || {
+        !named("plugin.bncr.file.abort").is_empty()
     })
     .await;
-    t.wait_for("second init", Duration::from_secs(5), |t| {
-        t.named("plugin.bncr.file.init").len() >= 2
+    wait_for(&host, "second init", || {
+        named("plugin.bncr.file.init").len() >= 2
     })
     .await;
-    assert!(t.pushes(1).is_empty());
-    g.stop().await;
+    assert!(pushes(&c).is_empty());
+    host.shutdown().await;
 }

@@ -2,29 +2,11 @@
 //! offline leases, file transfers in progress and their expiry, chunking,
 //! and the size of the missing-chunks answer.
 
-use crate::common::{Gen, Host};
+use crate::common::{
+    bncr_client, diag, ok, operator, payloads, start, state_dir, until_counter, wait_for,
+};
 use plugin_api::ErrorCode;
 use serde_json::{Value, json};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn diag(g: &Gen) -> Value {
-    g.ok(0, "bncr.diagnostics", json!({})).await
-}
-
-/// Poll diagnostics until `counter` reaches `want`.
-async fn until_counter(g: &Gen, counter: &str, want: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let d = diag(g).await;
-        if d["counters"][counter].as_u64().unwrap() >= want {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{counter}: {d}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 fn account_ids(d: &Value) -> Vec<String> {
     d["accounts"]
@@ -38,21 +20,18 @@ fn account_ids(d: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounts_are_capped_unless_configured() {
     const N: usize = 3;
-    let host = Host::new(json!({"maxAccounts": N}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"maxAccounts": N})).await;
+    let c = bncr_client(&host);
     // N-1, N: accepted.
     for i in 0..N {
-        let r = g
-            .ok(1, "bncr.connect", json!({"accountId": format!("acc-{i}")}))
-            .await;
+        let r = ok(&c, "bncr.connect", json!({"accountId": format!("acc-{i}")})).await;
         assert_eq!(r["accountId"], format!("acc-{i}"));
     }
     // N+1 .. 5N: refused, and nothing is kept for them.
     for i in N..5 * N {
-        let e = g
+        let e = c
             .call(
-                1,
                 "bncr.inbound",
                 json!({"accountId": format!("acc-{i}"), "platform": "qq", "userId": "1"}),
             )
@@ -61,53 +40,53 @@ async fn accounts_are_capped_unless_configured() {
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert_eq!(e.details_code(), Some("account-limit"), "{e}");
     }
-    let d = diag(&g).await;
+    let d = diag(&c).await;
     assert_eq!(account_ids(&d), ["acc-0", "acc-1", "acc-2"]);
     assert_eq!(d["counters"]["accountsRefused"], 4 * N as u64);
     // Known accounts keep working at the cap.
-    g.ok(1, "bncr.activity", json!({"accountId": "acc-1"}))
-        .await;
-    g.stop().await;
+    ok(&c, "bncr.activity", json!({"accountId": "acc-1"})).await;
+    host.shutdown().await;
     // With `accounts` configured, the list is the bound.
-    let host = Host::new(json!({"maxAccounts": 1, "accounts": ["a", "b"]}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({"accountId": "a"})).await;
-    g.ok(1, "bncr.connect", json!({"accountId": "b"})).await;
-    let e = g
-        .call(1, "bncr.connect", json!({"accountId": "c"}))
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"maxAccounts": 1, "accounts": ["a", "b"]}),
+    )
+    .await;
+    let c = bncr_client(&host);
+    ok(&c, "bncr.connect", json!({"accountId": "a"})).await;
+    ok(&c, "bncr.connect", json!({"accountId": "b"})).await;
+    let e = c
+        .call("bncr.connect", json!({"accountId": "c"}))
         .await
         .unwrap_err();
     assert!(e.message.starts_with("unknown accountId"), "{e}");
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_leases_are_pruned_and_free_their_account() {
-    let host = Host::new(json!({"maxAccounts": 2, "leaseTtlMs": 40}));
-    host.transport.connect(1);
-    host.transport.connect(2);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({"accountId": "gone"})).await;
-    g.ok(2, "bncr.connect", json!({"accountId": "stays"})).await;
-    let e = g
-        .call(2, "bncr.connect", json!({"accountId": "third"}))
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"maxAccounts": 2, "leaseTtlMs": 40})).await;
+    let (gone, stays) = (bncr_client(&host), bncr_client(&host));
+    ok(&gone, "bncr.connect", json!({"accountId": "gone"})).await;
+    ok(&stays, "bncr.connect", json!({"accountId": "stays"})).await;
+    let e = stays
+        .call("bncr.connect", json!({"accountId": "third"}))
         .await
         .unwrap_err();
     assert_eq!(e.details_code(), Some("account-limit"));
-    host.transport.disconnect(1);
-    g.connection_closed(1);
-    until_counter(&g, "leasesPruned", 1).await;
+    gone.disconnect();
+    until_counter(&stays, "leasesPruned", 1).await;
     // The online lease is never pruned, however old.
-    let d = diag(&g).await;
+    let d = diag(&stays).await;
     assert_eq!(account_ids(&d), ["stays"], "{d}");
-    g.ok(2, "bncr.connect", json!({"accountId": "third"})).await;
-    g.stop().await;
+    ok(&stays, "bncr.connect", json!({"accountId": "third"})).await;
     // Pruned in the store too: a new generation restores no such lease.
-    let g2 = host.start(2).await;
-    let d = diag(&g2).await;
+    host.restart().await.unwrap();
+    let d = diag(&stays).await;
     assert!(!account_ids(&d).contains(&"gone".to_string()), "{d}");
-    g2.stop().await;
+    host.shutdown().await;
 }
 
 fn init(id: &str, account: &str) -> Value {
@@ -118,13 +97,16 @@ fn init(id: &str, account: &str) -> Value {
 async fn transfers_in_progress_are_capped_per_account_and_in_total() {
     const PER: usize = 2;
     const TOTAL: usize = 4;
-    let host = Host::new(json!({"maxTransfersPerAccount": PER, "maxTransfers": TOTAL}));
-    let g = host.start(1).await;
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"maxTransfersPerAccount": PER, "maxTransfers": TOTAL}),
+    )
+    .await;
+    let c = bncr_client(&host);
     // Per account: N-1 and N accepted, N+1 .. 5N refused.
     for i in 0..5 * PER {
-        let r = g
-            .call(1, "bncr.file.init", init(&format!("a-{i}"), "A"))
-            .await;
+        let r = c.call("bncr.file.init", init(&format!("a-{i}"), "A")).await;
         if i < PER {
             assert_eq!(r.unwrap()["ok"], true);
         } else {
@@ -141,17 +123,16 @@ async fn transfers_in_progress_are_capped_per_account_and_in_total() {
     // Another account fills the total: N-1, N; then a third account is
     // refused by the total bound.
     for i in 0..PER {
-        g.ok(1, "bncr.file.init", init(&format!("b-{i}"), "B"))
-            .await;
+        ok(&c, "bncr.file.init", init(&format!("b-{i}"), "B")).await;
     }
     for i in 0..5 * TOTAL - TOTAL {
-        let e = g
-            .call(1, "bncr.file.init", init(&format!("c-{i}"), "C"))
+        let e = c
+            .call("bncr.file.init", init(&format!("c-{i}"), "C"))
             .await
             .unwrap_err();
         assert_eq!(e.details.unwrap()["scope"], "total");
     }
-    let d = diag(&g).await;
+    let d = diag(&c).await;
     assert_eq!(d["transfers"], TOTAL);
     assert_eq!(
         d["counters"]["transfersRefused"],
@@ -159,57 +140,61 @@ async fn transfers_in_progress_are_capped_per_account_and_in_total() {
     );
     // A repeated init of a transfer in progress is not a new one.
     assert_eq!(
-        g.ok(1, "bncr.file.init", init("a-0", "A")).await["duplicated"],
+        ok(&c, "bncr.file.init", init("a-0", "A")).await["duplicated"],
         true
     );
     // Finishing or aborting one frees its place.
-    g.ok(1, "bncr.file.abort", json!({"transferId": "a-0"}))
-        .await;
-    g.ok(1, "bncr.file.init", init("c-0", "C")).await;
-    g.stop().await;
+    ok(&c, "bncr.file.abort", json!({"transferId": "a-0"})).await;
+    ok(&c, "bncr.file.init", init("c-0", "C")).await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_transfers_expire_with_their_spooled_bytes() {
-    let host = Host::new(json!({"transferTtlMs": 40, "fileMinChunkBytes": 1}));
-    let g = host.start(1).await;
-    g.ok(
-        1,
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"transferTtlMs": 40, "fileMinChunkBytes": 1}),
+    )
+    .await;
+    let c = bncr_client(&host);
+    ok(
+        &c,
         "bncr.file.init",
         json!({"transferId": "idle", "fileSize": 2, "chunkSize": 1}),
     )
     .await;
-    g.ok(
-        1,
+    ok(
+        &c,
         "bncr.file.chunk",
         json!({"transferId": "idle", "chunkIndex": 0, "offset": 0, "base64": "QQ=="}),
     )
     .await;
-    let spool = host.dir.path().join("bncr/files/spool/idle.part");
+    let spool = dir.path().join("bncr/files/spool/idle.part");
     assert!(spool.exists());
-    until_counter(&g, "transfersExpired", 1).await;
+    until_counter(&c, "transfersExpired", 1).await;
     assert!(!spool.exists(), "spooled bytes removed");
-    let e = g
+    let e = c
         .call(
-            1,
             "bncr.file.chunk",
             json!({"transferId": "idle", "chunkIndex": 1, "offset": 1, "base64": "QQ=="}),
         )
         .await
         .unwrap_err();
     assert_eq!(e.message, "transfer not found");
-    assert_eq!(diag(&g).await["transfers"], 0);
-    g.stop().await;
+    assert_eq!(diag(&c).await["transfers"], 0);
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_making_progress_does_not_expire() {
-    let host = Host::new(json!({"transferTtlMs": 60000}));
-    let g = host.start(1).await;
-    g.ok(1, "bncr.file.init", init("busy", "A")).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"transferTtlMs": 60000})).await;
+    let c = bncr_client(&host);
+    ok(&c, "bncr.file.init", init("busy", "A")).await;
     // Another init sweeps expired transfers first; this one is not.
-    g.ok(1, "bncr.file.init", init("other", "A")).await;
-    let d = diag(&g).await;
+    ok(&c, "bncr.file.init", init("other", "A")).await;
+    let d = diag(&c).await;
     assert_eq!(
         (
             d["transfers"].as_u64(),
@@ -217,21 +202,23 @@ async fn a_transfer_making_progress_does_not_expire() {
         ),
         (Some(2), Some(0))
     );
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunking_is_bounded_below_in_size_and_above_in_count() {
     const MIN: u64 = 8;
-    let host = Host::new(
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
         json!({"fileMinChunkBytes": MIN, "maxTransfersPerAccount": 100, "maxTransfers": 100}),
-    );
-    let g = host.start(1).await;
+    )
+    .await;
+    let c = bncr_client(&host);
     let try_init = |id: String, size: u64, chunk: u64| {
-        let g = &g;
+        let c = &c;
         async move {
-            g.call(
-                1,
+            c.call(
                 "bncr.file.init",
                 json!({"transferId": id, "fileSize": size, "chunkSize": chunk}),
             )
@@ -245,17 +232,15 @@ async fn chunking_is_bounded_below_in_size_and_above_in_count() {
     }
     // A file smaller than the minimum may come whole.
     try_init("small".into(), MIN - 1, MIN - 1).await.unwrap();
-    g.stop().await;
+    host.shutdown().await;
 
     const MAX: u64 = 8;
-    let host = Host::new(
-        json!({"fileMinChunkBytes": 1, "fileMaxChunks": MAX, "maxTransfersPerAccount": 100, "maxTransfers": 100}),
-    );
-    let g = host.start(1).await;
+    let dir = state_dir();
+    let host = start(dir.path(), json!({"fileMinChunkBytes": 1, "fileMaxChunks": MAX, "maxTransfersPerAccount": 100, "maxTransfers": 100}),).await;
+    let c = bncr_client(&host);
     for chunks in [MAX - 1, MAX, MAX + 1, 5 * MAX] {
-        let r = g
+        let r = c
             .call(
-                1,
                 "bncr.file.init",
                 json!({"transferId": format!("n{chunks}"), "fileSize": chunks, "chunkSize": 1}),
             )
@@ -266,50 +251,53 @@ async fn chunking_is_bounded_below_in_size_and_above_in_count() {
             assert_eq!(r.unwrap_err().details_code(), Some("too-many-chunks"));
         }
     }
-    let d = diag(&g).await;
+    let d = diag(&c).await;
     assert_eq!(d["counters"]["chunkingRefused"], 2);
-    g.stop().await;
+    host.shutdown().await;
 
     // The reported attack with the defaults: refused at init, nothing kept.
-    let host = Host::new(json!({}));
-    let g = host.start(1).await;
-    let e = g
+    let dir = state_dir();
+    let host = start(dir.path(), json!({})).await;
+    let c = bncr_client(&host);
+    let e = c
         .call(
-            1,
             "bncr.file.init",
             json!({"transferId": "amp", "fileSize": 52428800u64, "chunkSize": 1}),
         )
         .await
         .unwrap_err();
     assert_eq!(e.details_code(), Some("chunk-too-small"));
-    assert_eq!(diag(&g).await["transfers"], 0);
-    g.stop().await;
+    assert_eq!(diag(&c).await["transfers"], 0);
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_missing_chunks_answer_is_bounded() {
     const LISTED: u64 = 16;
-    let host = Host::new(
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
         json!({"fileMinChunkBytes": 1, "maxTransfersPerAccount": 100, "maxTransfers": 100}),
-    );
-    let g = host.start(1).await;
+    )
+    .await;
+    let c = bncr_client(&host);
     for missing in [LISTED - 1, LISTED, LISTED + 1, 5 * LISTED] {
         let id = format!("t{missing}");
         // One chunk more than missing, and chunk 0 received.
-        g.ok(
-            1,
+        ok(
+            &c,
             "bncr.file.init",
             json!({"transferId": id, "fileSize": missing + 1, "chunkSize": 1}),
         )
         .await;
-        g.ok(
-            1,
+        ok(
+            &c,
             "bncr.file.chunk",
             json!({"transferId": id, "chunkIndex": 0, "offset": 0, "base64": "QQ=="}),
         )
         .await;
-        let e = g
-            .call(1, "bncr.file.complete", json!({"transferId": id}))
+        let e = c
+            .call("bncr.file.complete", json!({"transferId": id}))
             .await
             .unwrap_err();
         let d = e.details.clone().unwrap();
@@ -318,55 +306,52 @@ async fn the_missing_chunks_answer_is_bounded() {
         assert_eq!(d["missing"], json!(listed), "{e}");
         assert!(e.message.len() < 200, "{e}");
     }
-    g.stop().await;
+    host.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_inbound_is_capped_until_an_operator_drains_it() {
     const N: usize = 3;
     let inbound = |id: &str| json!({"platform": "qq", "groupId": "0", "userId": "42", "msg": "hi", "msgId": id});
-    let host =
-        Host::new(json!({"maxInboundPending": N, "inboundGraceMs": 0, "inboundRetryMs": 20}));
-    host.transport.connect(1);
-    let g = host.start(1).await;
-    g.ok(1, "bncr.connect", json!({})).await;
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"maxInboundPending": N, "inboundGraceMs": 0, "inboundRetryMs": 20}),
+    )
+    .await;
+    let c = bncr_client(&host);
+    ok(&c, "bncr.connect", json!({})).await;
     // N-1, N: accepted (nobody but the Bncr client is connected).
     for i in 0..N {
-        let r = g.ok(1, "bncr.inbound", inbound(&format!("m{i}"))).await;
+        let r = ok(&c, "bncr.inbound", inbound(&format!("m{i}"))).await;
         assert_eq!(r["accepted"], true, "{r}");
-        assert_eq!(diag(&g).await["inboundPending"], i as u64 + 1);
+        assert_eq!(diag(&c).await["inboundPending"], i as u64 + 1);
     }
     // N+1 .. 5N: refused, and nothing is kept for them.
     for i in N..5 * N {
-        let r = g.ok(1, "bncr.inbound", inbound(&format!("m{i}"))).await;
+        let r = ok(&c, "bncr.inbound", inbound(&format!("m{i}"))).await;
         assert_eq!(r["accepted"], false, "{r}");
         assert_eq!(r["reason"], "inbound-full", "{r}");
     }
     // A retry of a pending message is still a duplicate, not a refusal.
-    let r = g.ok(1, "bncr.inbound", inbound("m0")).await;
+    let r = ok(&c, "bncr.inbound", inbound("m0")).await;
     assert_eq!(r["accepted"], true, "{r}");
     assert_eq!(r["duplicated"], true, "{r}");
-    let d = diag(&g).await;
+    let d = diag(&c).await;
     assert_eq!(d["inboundPending"], N as u64, "{d}");
     assert_eq!(d["counters"]["inboundRefused"], 4 * N as u64, "{d}");
-    g.stop().await;
     // Nothing refused was journaled: a later generation loads exactly N.
-    let g = host.start(2).await;
-    assert_eq!(diag(&g).await["inboundPending"], N as u64);
-    let r = g.ok(1, "bncr.inbound", inbound("late")).await;
+    host.restart().await.unwrap();
+    assert_eq!(diag(&c).await["inboundPending"], N as u64);
+    let r = ok(&c, "bncr.inbound", inbound("late")).await;
     assert_eq!(r["reason"], "inbound-full", "{r}");
     // An operator drains the queue: room again.
-    g.open(
-        &host.transport,
-        crate::common::operator_info(601, &["operator.write"]),
-    );
-    host.transport
-        .wait_for("drain", WAIT, |t| t.to_conn(601, "chat.inbound").len() == N)
-        .await;
-    until_counter(&g, "inboundHandedOn", N as u64).await;
-    assert_eq!(diag(&g).await["inboundPending"], 0);
-    let r = g.ok(1, "bncr.inbound", inbound("after-drain")).await;
+    let op = operator(&host);
+    wait_for(&host, "drain", || payloads(&op, "chat.inbound").len() == N).await;
+    until_counter(&c, "inboundHandedOn", N as u64).await;
+    assert_eq!(diag(&c).await["inboundPending"], 0);
+    let r = ok(&c, "bncr.inbound", inbound("after-drain")).await;
     assert_eq!(r["accepted"], true, "{r}");
     assert!(r.get("duplicated").is_none(), "{r}");
-    g.stop().await;
+    host.shutdown().await;
 }

@@ -1,315 +1,143 @@
-//! A tiny in-process host that drives the plugin the way gateway-core does:
-//! one `ScopeLife` per generation, services started in order and stopped in
-//! reverse, then the generation retired. Its transport answers like the real
-//! connection table: a connection is an authenticated operator holding the
-//! scopes it was given (Bncr clients connect as operators with
-//! `operator.write`, exactly like the real client), and a broadcast reaches,
-//! and counts, only the connections that hold the scope.
+//! Bncr conveniences on the real test host
+//! ([`gateway_core::testing::TestHost`]): the plugin runs through the real
+//! registry, admission, scope checks, events, restarts and crashes, with
+//! in-memory connections.
+//!
+//! Who is who, as on a real gateway: a Bncr client connects as an operator
+//! holding `operator.write` and becomes known as a client once it calls a
+//! client method (`bncr.connect`, `bncr.inbound`, ...); a chat operator
+//! holds `operator.write` and never calls those; an admin holds
+//! `operator.admin`.
 
 #![allow(dead_code, unreachable_pub)]
 
-use plugin_api::{
-    Channel, ClientInfo, ConnId, ConnectionInfo, Declarations, EventTransport, Handler,
-    OutboundEvent, OutboundMessage, Params, PluginContext, RequestContext, Role, RpcError, Scopes,
-    Value,
-};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use gateway_core::testing::{TestClient, TestHost};
+use plugin_api::{ClientInfo, Role, RpcError, scope};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
 
-/// One recorded event, queued for connection `conn`.
-#[derive(Debug, Clone)]
-pub struct Ev {
-    pub conn: Option<u64>,
-    pub name: String,
-    pub payload: Value,
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The channel the core `send` routes to.
+pub const CHANNEL: &str = "bncr";
+
+/// A fresh state directory.
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
 }
 
-/// Records every event a connection accepted; connections not connected
-/// refuse.
-#[derive(Debug, Default)]
-pub struct Transport {
-    connected: Mutex<HashMap<u64, Arc<ConnectionInfo>>>,
-    events: Mutex<Vec<Ev>>,
-}
-
-impl Transport {
-    fn deliver(&self, conn: u64, ev: &OutboundEvent) {
-        self.events.lock().unwrap().push(Ev {
-            conn: Some(conn),
-            name: ev.name.to_string(),
-            payload: serde_json::from_str(ev.payload.get()).unwrap(),
-        });
-    }
-
-    /// Connections holding `scope` as operators, minus `except`, in id order.
-    fn operators(&self, scope: &str, except: &[ConnId]) -> Vec<u64> {
-        let mut ids: Vec<u64> = self
-            .connected
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|c| c.role == Role::Operator && c.scopes.allows(scope))
-            .map(|c| c.conn_id.0)
-            .filter(|c| !except.contains(&ConnId(*c)))
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-}
-
-impl EventTransport for Transport {
-    fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
-        if !self.is_connected(conn) {
-            return false;
-        }
-        self.deliver(conn.0, ev);
-        true
-    }
-    fn broadcast(&self, scope: &str, ev: &OutboundEvent) -> usize {
-        self.broadcast_except(scope, &[], ev)
-    }
-    fn broadcast_except(&self, scope: &str, except: &[ConnId], ev: &OutboundEvent) -> usize {
-        let to = self.operators(scope, except);
-        for c in &to {
-            self.deliver(*c, ev);
-        }
-        to.len()
-    }
-    fn connection_count(&self) -> usize {
-        self.connected.lock().unwrap().len()
-    }
-    fn is_connected(&self, conn: ConnId) -> bool {
-        self.connected.lock().unwrap().contains_key(&conn.0)
-    }
-}
-
-/// The connection info of an operator holding `scopes`.
-pub fn operator_info(conn: u64, scopes: &[&str]) -> Arc<ConnectionInfo> {
-    Arc::new(ConnectionInfo {
-        conn_id: ConnId(conn),
-        role: Role::Operator,
-        scopes: Scopes::new(scopes.iter().copied()),
-        client: ClientInfo::default(),
-    })
-}
-
-impl Transport {
-    /// An authenticated operator connection with `operator.write`: what a
-    /// Bncr client and a chat operator both are.
-    pub fn connect(&self, conn: u64) {
-        self.connect_as(operator_info(conn, &["operator.write"]));
-    }
-    pub fn connect_as(&self, info: Arc<ConnectionInfo>) {
-        self.connected.lock().unwrap().insert(info.conn_id.0, info);
-    }
-    pub fn disconnect(&self, conn: u64) {
-        self.connected.lock().unwrap().remove(&conn);
-    }
-    /// Payloads of `name` events queued for `conn`, in order.
-    pub fn to_conn(&self, conn: u64, name: &str) -> Vec<Value> {
-        self.named(name)
-            .into_iter()
-            .filter(|e| e.conn == Some(conn))
-            .map(|e| e.payload)
-            .collect()
-    }
-    pub fn events(&self) -> Vec<Ev> {
-        self.events.lock().unwrap().clone()
-    }
-    pub fn named(&self, name: &str) -> Vec<Ev> {
-        self.events()
-            .into_iter()
-            .filter(|e| e.name == name)
-            .collect()
-    }
-    /// Message ids pushed to `conn`, in push order (repeats included).
-    pub fn pushes(&self, conn: u64) -> Vec<String> {
-        self.named("plugin.bncr.push")
-            .into_iter()
-            .filter(|e| e.conn == Some(conn))
-            .map(|e| e.payload["messageId"].as_str().unwrap().to_string())
-            .collect()
-    }
-    /// Wait (polling) until `cond` holds; panics with `what` after `timeout`.
-    pub async fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Transport) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !cond(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; events: {:#?}",
-                self.events()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-}
-
-/// The process-lifetime part: state dir and transport.
-pub struct Host {
-    pub dir: tempfile::TempDir,
-    pub transport: Arc<Transport>,
-    pub config: Value,
-}
-
-/// One generation of the plugin.
-pub struct Gen {
-    pub ctl: plugin_api::host::LifeController,
-    pub decl: Declarations,
-    transport: Arc<Transport>,
-}
-
-impl Host {
-    pub fn new(config: Value) -> Host {
-        Host {
-            dir: tempfile::tempdir().unwrap(),
-            transport: Arc::new(Transport::default()),
-            config,
-        }
-    }
-
-    /// Build, register and start generation `generation`.
-    pub async fn start(&self, generation: u64) -> Gen {
-        let (life, ctl) = plugin_api::host::scope_life(generation);
-        let (sink, declarer) =
-            plugin_api::host::event_sink("bncr", life.clone(), self.transport.clone());
-        let ctx = PluginContext {
-            plugin_id: "bncr".into(),
-            config: self.config.clone(),
-            state_dir: self.dir.path().to_path_buf(),
-            events: sink.clone(),
-            life,
-        };
-        let factory = bncr_plugin::factory();
-        let plugin = (factory.create)(ctx).expect("plugin constructs");
-        let mut r = plugin_api::host::registrar("bncr");
-        plugin.register(&mut r);
-        let decl = plugin_api::host::declarations(r);
-        declarer.declare(decl.events.clone());
-        for s in &decl.services {
-            s.clone().start().await.expect("service starts");
-        }
-        Gen {
-            ctl,
-            decl,
-            transport: self.transport.clone(),
-        }
-    }
-}
-
-impl Gen {
-    pub async fn call(&self, conn: u64, method: &str, params: Value) -> Result<Value, RpcError> {
-        let spec = self
-            .decl
-            .methods
-            .iter()
-            .find(|m| m.name == method)
-            .unwrap_or_else(|| panic!("method {method} not declared"));
-        // The caller is the connection as the transport knows it (an
-        // unknown id calls as an internal admin), checked like the host
-        // checks it.
-        let info = self.transport.connected.lock().unwrap().get(&conn).cloned();
-        let ctx = match info {
-            Some(info) => RequestContext::new(info),
-            None => RequestContext::internal(ConnId(conn)),
-        };
-        if let Some(needed) = spec.scope.as_str()
-            && !ctx.scopes().allows(needed)
-        {
-            return Err(RpcError::forbidden(format!("missing scope: {needed}")));
-        }
-        let params = Params::from_value(&params);
-        match &spec.handler {
-            Handler::Sync(h) => h(&ctx, params),
-            Handler::Async(h) => h(ctx, params).await,
-        }
-    }
-
-    /// `call` that must succeed.
-    pub async fn ok(&self, conn: u64, method: &str, params: Value) -> Value {
-        match self.call(conn, method, params.clone()).await {
-            Ok(v) => v,
-            Err(e) => panic!("{method} {params} failed: {e}"),
-        }
-    }
-
-    /// The core `send` through the `bncr` channel.
-    pub async fn send(&self, to: &str, message: Value, key: &str) -> Result<String, RpcError> {
-        let ch: Arc<dyn Channel> = self
-            .decl
-            .channels
-            .iter()
-            .find(|c| c.0 == "bncr")
-            .expect("bncr channel")
-            .1
-            .clone();
-        ch.send(
-            RequestContext::internal(ConnId(999)),
-            OutboundMessage {
-                to: to.into(),
-                message,
-                idempotency_key: key.into(),
-            },
-        )
+/// A gateway with the bncr plugin configured with `config`, keeping its
+/// state below `dir` (`<dir>/bncr/...`).
+pub async fn start(dir: &Path, config: Value) -> TestHost {
+    TestHost::builder(dir)
+        .plugin(bncr_plugin::factory())
+        .plugin_config("bncr", config)
+        .start()
         .await
-        .map(|r| r.message_id)
-    }
+        .expect("the gateway starts")
+}
 
-    /// A connection opens as the real host does it: it joins the table,
-    /// then the connection-opened hooks run.
-    pub fn open(&self, transport: &Transport, info: Arc<ConnectionInfo>) {
-        transport.connect_as(info.clone());
-        for h in &self.decl.connection_opened {
-            h(&info);
+/// A Bncr client's connection, identified as the real client identifies
+/// itself at `connect`.
+pub fn bncr_client(host: &TestHost) -> TestClient {
+    let client = ClientInfo {
+        id: "bncr".into(),
+        version: "1.0.0".into(),
+        platform: "node".into(),
+        mode: "backend".into(),
+        ..ClientInfo::default()
+    };
+    host.connect(Role::Operator, &[scope::WRITE], client)
+}
+
+/// A chat operator's connection (`operator.write`).
+pub fn operator(host: &TestHost) -> TestClient {
+    host.connect_operator(&[scope::WRITE])
+}
+
+/// An admin's connection (`operator.admin`).
+pub fn admin(host: &TestHost) -> TestClient {
+    host.connect_operator(&[scope::ADMIN])
+}
+
+/// `method` called by `c`, which must succeed.
+pub async fn ok(c: &TestClient, method: &str, params: Value) -> Value {
+    match c.call(method, params.clone()).await {
+        Ok(v) => v,
+        Err(e) => panic!("{method} {params} failed: {e}"),
+    }
+}
+
+/// The core `send` through the `bncr` channel, called by `c`.
+pub async fn send(c: &TestClient, to: &str, message: Value, key: &str) -> Result<String, RpcError> {
+    c.send(CHANNEL, to, message, key).await
+}
+
+/// `bncr.diagnostics` as `c` reads it.
+pub async fn diag(c: &TestClient) -> Value {
+    ok(c, "bncr.diagnostics", serde_json::json!({})).await
+}
+
+/// Poll diagnostics (through `c`) until `counter` reaches `want`.
+pub async fn until_counter(c: &TestClient, counter: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = diag(c).await;
+        if d["counters"][counter].as_u64().unwrap() >= want {
+            return;
         }
+        assert!(tokio::time::Instant::now() < deadline, "{counter}: {d}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
 
-    /// What the host's `health` would report for this plugin: the first
-    /// degraded reason, if any.
-    pub fn degraded(&self) -> Option<String> {
-        self.decl.health.iter().find_map(|h| h())
-    }
+/// Payloads of the `name` events `c` received, in order.
+pub fn payloads(c: &TestClient, name: &str) -> Vec<Value> {
+    c.events_named(name)
+        .into_iter()
+        .map(|e| e.payload)
+        .collect()
+}
 
-    pub fn connection_closed(&self, conn: u64) {
-        for h in &self.decl.connection_closed {
-            h(ConnId(conn));
-        }
-    }
+/// Message ids pushed to `c`, in push order (repeats included).
+pub fn pushes(c: &TestClient) -> Vec<String> {
+    payloads(c, "plugin.bncr.push")
+        .iter()
+        .map(|p| p["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
 
-    /// Stop services in reverse order, then retire and reap.
-    pub async fn stop(self) {
-        for s in self.decl.services.iter().rev() {
-            s.clone().stop().await;
-        }
-        self.ctl.retire();
-        assert_eq!(
-            self.ctl.reap_tasks(Duration::from_secs(2)).await,
-            0,
-            "tasks ignored cancellation"
+/// Payloads of the `name` events delivered to anyone, in order.
+pub fn delivered(host: &TestHost, name: &str) -> Vec<Value> {
+    host.events_named(name)
+        .into_iter()
+        .map(|(_, e)| e.payload)
+        .collect()
+}
+
+/// Wait until `cond` holds (checked after every delivery); panics naming
+/// `what`, with every delivery so far, after [`WAIT`].
+pub async fn wait_for(host: &TestHost, what: &str, cond: impl FnMut() -> bool) {
+    if !host.wait_until(WAIT, cond).await {
+        panic!(
+            "timed out waiting for {what}; deliveries: {:#?}",
+            host.events()
         );
     }
-
-    /// Drop everything without stopping: as close to kill -9 as in-process gets.
-    pub fn kill(self) {
-        drop(self);
-    }
 }
 
-/// Ack each id once it was pushed to `conn`, in order, through `gen`.
-pub async fn ack_in_order(host: &Host, g: &Gen, conn: u64, ids: &[String]) {
+/// Ack each id once it was pushed to `c`, in order.
+pub async fn ack_in_order(host: &TestHost, c: &TestClient, ids: &[String]) {
     for id in ids {
-        host.transport
-            .wait_for(&format!("push of {id}"), Duration::from_secs(5), |t| {
-                t.pushes(conn).contains(id)
-            })
-            .await;
-        let r = g
-            .ok(
-                conn,
-                "bncr.ack",
-                serde_json::json!({"messageId": id, "ok": true}),
-            )
-            .await;
+        wait_for(host, &format!("push of {id}"), || pushes(c).contains(id)).await;
+        let r = ok(
+            c,
+            "bncr.ack",
+            serde_json::json!({"messageId": id, "ok": true}),
+        )
+        .await;
         assert_eq!(r["ok"], true);
     }
 }
@@ -323,4 +151,34 @@ pub fn first_seen(ids: &[String]) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether the inbound journal below `dir` marks message `msg_id` handed
+/// on (`None`: not journaled).
+pub fn journaled_handed_on(dir: &Path, msg_id: &str) -> Option<bool> {
+    let db = rusqlite::Connection::open(dir.join("bncr/bncr.sqlite3")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.query_row(
+        "SELECT handed_on FROM inbound WHERE msg_id = ?1",
+        [msg_id],
+        |r| r.get::<_, i64>(0),
+    )
+    .ok()
+    .map(|v| v == 1)
+}
+
+/// Wait until the journal marks each of `msg_ids` handed on. A delivery is
+/// seen before the bridge journals it; a generation that stops in between
+/// offers the message again, so tests wait for the mark before a restart.
+pub async fn until_journaled_handed_on(dir: &Path, msg_ids: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for id in msg_ids {
+        while journaled_handed_on(dir, id) != Some(true) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} not journaled as handed on"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
