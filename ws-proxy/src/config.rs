@@ -133,7 +133,8 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// Requests one connection may have in flight.
     pub max_in_flight: usize,
-    /// WebSocket ping period; a client silent for two periods is closed.
+    /// WebSocket ping period; a client silent for two periods plus 5 s is
+    /// closed.
     pub ping_interval_ms: u64,
     /// On stop, how long in-flight requests may drain.
     pub shutdown_drain_ms: u64,
@@ -648,6 +649,155 @@ mod tests {
         assert_eq!(s.initial.restart, gateway_core::RestartConfig::default());
         assert_eq!(s.auth.max_failures_per_minute, 10);
         assert_eq!(s.initial.requests, gateway_core::RequestsConfig::default());
+    }
+
+    /// The fields of the table at `path` in a config file, as the parser
+    /// itself lists them: a probe key there makes serde's
+    /// `deny_unknown_fields` name every field it expects. `None` when the
+    /// value at `path` is not a struct (a leaf, or a map of values).
+    fn fields_at(path: &[String]) -> Option<Vec<String>> {
+        let mut value = toml::Value::Table(toml::Table::from_iter([(
+            "__probe".to_string(),
+            toml::Value::Integer(1),
+        )]));
+        for key in path.iter().rev() {
+            value = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+        }
+        let origin = ConfigOrigin {
+            path: "probe.toml".into(),
+            text: toml::to_string(&value).unwrap().into(),
+        };
+        let message = gateway_core::parse_toml::<FileConfig>(&origin)
+            .err()?
+            .message;
+        let expected = message
+            .strip_prefix("unknown field `__probe`, ")?
+            .split_once("expected")
+            .map_or("", |(_, list)| list);
+        Some(
+            expected
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
+    /// Every key a config file accepts, dotted (`limits.max_payload`), with
+    /// `<id>` where any name goes (`plugins.entries.<id>.env`). Derived from
+    /// [`FileConfig`] through the parser, so a field added to any table
+    /// shows up here without anyone listing it.
+    fn accepted_keys() -> Vec<String> {
+        fn walk(path: Vec<String>, out: &mut Vec<String>) {
+            if let Some(fields) = fields_at(&path) {
+                for f in fields {
+                    walk([path.clone(), vec![f]].concat(), out);
+                }
+                return;
+            }
+            let mut entry = path.clone();
+            entry.push("<id>".into());
+            if fields_at(&entry).is_some() {
+                walk(entry, out);
+            } else {
+                out.push(path.join("."));
+            }
+        }
+        let mut out = Vec::new();
+        walk(Vec::new(), &mut out);
+        out
+    }
+
+    /// The example file with its commented-out keys and tables
+    /// (`# token = "..."`, `# [plugins.entries.bncr]`) switched on.
+    fn example_with_commented_keys() -> String {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ws-proxy.example.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let is_key = |s: &str| {
+            let key = s.split_once(" = ").map_or("", |(k, _)| k);
+            !key.is_empty()
+                && (key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    || (key.starts_with('"') && key.ends_with('"')))
+        };
+        let is_header = |s: &str| {
+            s.starts_with('[')
+                && s.ends_with(']')
+                && s[1..s.len() - 1]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        };
+        text.lines()
+            .map(
+                |line| match line.strip_prefix('#').map(|r| r.trim_start()) {
+                    Some(rest) if is_key(rest) || is_header(rest) => rest,
+                    _ => line,
+                },
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Dotted paths of every table and value in `table`.
+    fn paths(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if let toml::Value::Table(t) = v {
+                paths(&path, t, out);
+            }
+            out.push(path);
+        }
+    }
+
+    #[test]
+    fn every_accepted_key_is_in_the_example_and_in_operations_md() {
+        let keys = accepted_keys();
+        // The walk itself works: tables, a map of tables, leaves.
+        for k in [
+            "server.bind",
+            "limits.allowed_origins",
+            "plugins.node",
+            "plugins.entries.<id>.env",
+            "requests.method_timeout_ms",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} not derived: {keys:?}");
+        }
+        let example = example_with_commented_keys();
+        // What the example shows, commented-out keys included, parses.
+        let origin = ConfigOrigin {
+            path: "ws-proxy.example.toml".into(),
+            text: example.clone().into(),
+        };
+        if let Err(e) = gateway_core::parse_toml::<FileConfig>(&origin) {
+            panic!("the example with its commented keys switched on: {e}");
+        }
+        let mut shown = Vec::new();
+        paths("", &example.parse::<toml::Table>().unwrap(), &mut shown);
+        let matches = |key: &str, path: &str| {
+            let (k, p): (Vec<_>, Vec<_>) = (key.split('.').collect(), path.split('.').collect());
+            k.len() == p.len() && k.iter().zip(&p).all(|(k, p)| *k == "<id>" || k == p)
+        };
+        let ops = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+        )
+        .unwrap();
+        let missing_example: Vec<_> = keys
+            .iter()
+            .filter(|k| !shown.iter().any(|p| matches(k, p)))
+            .collect();
+        let missing_ops: Vec<_> = keys
+            .iter()
+            .filter(|k| !ops.contains(&format!("| `{k}")))
+            .collect();
+        assert!(
+            missing_example.is_empty() && missing_ops.is_empty(),
+            "keys the gateway accepts but ws-proxy.example.toml does not show: {missing_example:?}; \
+             keys missing from the key table of docs/operations.md: {missing_ops:?}"
+        );
     }
 
     #[test]
