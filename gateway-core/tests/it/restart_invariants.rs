@@ -1,4 +1,5 @@
-//! One test (at least) per invariant of `docs/restart.md`.
+//! One test (at least) per invariant 1 to 9 of `docs/restart.md`, under a
+//! comment with its number; invariants 10 and 11 are tested in `handover.rs`.
 
 use crate::common::*;
 use gateway_core::PluginPhase;

@@ -380,7 +380,8 @@ async fn pipelined_bursts_during_a_sigusr1_storm() {
     assert!(generation >= 3.0, "{generation}");
 }
 
-/// issue 9, item 2: client A holds generation 1, which advertises
+/// A method renamed on disk while a client keeps calling it across the
+/// restart: client A holds generation 1, which advertises
 /// `weather.today`; a 3 s request of another plugin is in flight; the
 /// method is renamed on disk and SIGUSR1 sent while A keeps calling. A hears
 /// `gateway.generation` 2 before any answer generation 2 produced, and is
