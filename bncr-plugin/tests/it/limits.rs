@@ -3,7 +3,7 @@
 //! and the size of the missing-chunks answer.
 
 use crate::common::{
-    bncr_client, diag, ok, operator, payloads, start, state_dir, until_counter, wait_for,
+    WAIT, bncr_client, diag, ok, operator, payloads, start, state_dir, until_counter, wait_for,
 };
 use plugin_api::ErrorCode;
 use serde_json::{Value, json};
@@ -173,6 +173,12 @@ async fn idle_transfers_expire_with_their_spooled_bytes() {
     let spool = dir.path().join("bncr/files/spool/idle.part");
     assert!(spool.exists());
     until_counter(&c, "transfersExpired", 1).await;
+    // The bridge counts the expiry, then removes the bytes off the async
+    // workers.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spool.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(!spool.exists(), "spooled bytes removed");
     let e = c
         .call(
