@@ -742,7 +742,15 @@ mod tests {
         })
     }
 
-    /// Yield until `counter` reaches `want` (a task's end is processed by
+    async fn probe_host(dir: &Path, p: &Arc<Probe>) -> TestHost {
+        TestHost::builder(dir)
+            .plugin(probe(p))
+            .start()
+            .await
+            .unwrap()
+    }
+
+    /// Wait in 1 ms steps until `counter` reaches `want` (a task's end is processed by
     /// the runtime after the abort), at most a few seconds.
     async fn until(counter: &AtomicU64, want: u64) -> u64 {
         for _ in 0..10_000 {
@@ -758,11 +766,7 @@ mod tests {
     async fn a_restart_stops_services_a_crash_stops_nothing_and_a_new_host_starts_fresh() {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(Probe::default());
-        let host = TestHost::builder(dir.path())
-            .plugin(probe(&p))
-            .start()
-            .await
-            .unwrap();
+        let host = probe_host(dir.path(), &p).await;
         let client = host.connect_operator(&[scope::WRITE]);
         assert_eq!(p.starts.load(Ordering::SeqCst), 1);
 
@@ -812,11 +816,7 @@ mod tests {
 
         // A new process on the same state directory: fresh generation 1,
         // connection ids never handed out before.
-        let host = TestHost::builder(dir.path())
-            .plugin(probe(&p))
-            .start()
-            .await
-            .unwrap();
+        let host = probe_host(dir.path(), &p).await;
         assert_eq!(host.gateway().stats().generation, 1);
         assert_eq!(p.starts.load(Ordering::SeqCst), 3);
         let again = host.connect_operator(&[scope::READ]);
@@ -837,11 +837,7 @@ mod tests {
     async fn health_names_a_degraded_plugin_and_its_reason() {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(Probe::default());
-        let host = TestHost::builder(dir.path())
-            .plugin(probe(&p))
-            .start()
-            .await
-            .unwrap();
+        let host = probe_host(dir.path(), &p).await;
         assert_eq!(host.degraded("probe").await.unwrap(), None);
         assert_eq!(host.health().await.unwrap()["ok"], true);
         *lock(&p.degraded) = Some("disk full".into());
@@ -862,11 +858,7 @@ mod tests {
     async fn send_goes_through_the_core_plugin_and_its_scope_check() {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(Probe::default());
-        let host = TestHost::builder(dir.path())
-            .plugin(probe(&p))
-            .start()
-            .await
-            .unwrap();
+        let host = probe_host(dir.path(), &p).await;
         let writer = host.connect_operator(&[scope::WRITE]);
         let reader = host.connect_operator(&[scope::READ]);
         let id = writer
@@ -903,11 +895,7 @@ mod tests {
     async fn connections_carry_their_identity_and_every_delivery_is_logged_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(Probe::default());
-        let host = TestHost::builder(dir.path())
-            .plugin(probe(&p))
-            .start()
-            .await
-            .unwrap();
+        let host = probe_host(dir.path(), &p).await;
         let bncr = ClientInfo {
             id: "bncr".into(),
             mode: "backend".into(),
