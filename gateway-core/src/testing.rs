@@ -643,6 +643,9 @@ mod tests {
         starts: AtomicU64,
         stops: AtomicU64,
         closed: AtomicU64,
+        /// For each connection-opened hook: whether the connection could
+        /// already receive events.
+        opened_reachable: Mutex<Vec<bool>>,
         /// Background tasks whose future was dropped (ended or aborted).
         tasks_ended: AtomicU64,
         degraded: Mutex<Option<String>>,
@@ -707,6 +710,10 @@ mod tests {
                     })
                     .into_service(),
             );
+            let (probe, events) = (self.probe.clone(), self.events.clone());
+            r.on_connection_opened(move |info| {
+                lock(&probe.opened_reachable).push(events.is_connected(info.conn_id));
+            });
             let probe = self.probe.clone();
             r.on_connection_closed(move |_| {
                 probe.closed.fetch_add(1, Ordering::SeqCst);
@@ -768,6 +775,7 @@ mod tests {
         let p = Arc::new(Probe::default());
         let host = probe_host(dir.path(), &p).await;
         let client = host.connect_operator(&[scope::WRITE]);
+        let first_id = client.conn_id();
         assert_eq!(p.starts.load(Ordering::SeqCst), 1);
 
         host.restart().await.unwrap();
@@ -813,6 +821,12 @@ mod tests {
         let gone = client.call("probe.whoami", json!({})).await.unwrap_err();
         assert_eq!(gone.code, plugin_api::ErrorCode::Unavailable);
         assert_eq!(lock(&p.sent).len(), 1);
+        client.disconnect();
+        assert_eq!(
+            p.closed.load(Ordering::SeqCst),
+            0,
+            "a dead connection closes nothing"
+        );
 
         // A new process on the same state directory: fresh generation 1,
         // connection ids never handed out before.
@@ -820,7 +834,7 @@ mod tests {
         assert_eq!(host.gateway().stats().generation, 1);
         assert_eq!(p.starts.load(Ordering::SeqCst), 3);
         let again = host.connect_operator(&[scope::READ]);
-        assert!(again.conn_id().0 > client.conn_id().0);
+        assert!(again.conn_id().0 > first_id.0);
         let me = again.call("probe.whoami", json!({})).await.unwrap();
         assert_eq!(me["conn"], again.conn_id().0);
         host.shutdown().await;
@@ -939,6 +953,11 @@ mod tests {
         );
         assert!(log.iter().all(|(_, e)| e.payload == 1));
         assert_eq!(p.closed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            *lock(&p.opened_reachable),
+            [true, true, true],
+            "as in the real host, a connection joins the table before the hooks run"
+        );
         assert!(
             !host.wait_until(Duration::from_millis(1), || false).await,
             "false when the time is up"
