@@ -16,6 +16,12 @@ pub struct OutboundEvent {
     pub name: Arc<str>,
     /// Payload JSON.
     pub payload: Arc<RawValue>,
+    /// The generation whose plugin emitted it, stamped by the sink (0: a
+    /// scope that never serves, such as a validation build). A host tells
+    /// a connection about this generation before the event, as it does
+    /// before a response of it, and delivers nothing of a generation that
+    /// is not serving yet.
+    pub generation: u64,
 }
 
 /// Delivers events to connections. Implemented by the host (ws-proxy); it
@@ -189,6 +195,7 @@ impl EventSink {
         Ok(OutboundEvent {
             name: event.into(),
             payload: payload.into(),
+            generation: self.life.generation(),
         })
     }
 
@@ -249,13 +256,14 @@ mod tests {
     use std::sync::Mutex;
 
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(u64, String, String)>>);
+    struct Recorder(Mutex<Vec<(u64, String, String, u64)>>);
     impl EventTransport for Recorder {
         fn send_to(&self, conn: ConnId, ev: &OutboundEvent) -> bool {
             self.0.lock().unwrap().push((
                 conn.0,
                 ev.name.to_string(),
                 ev.payload.get().to_string(),
+                ev.generation,
             ));
             true
         }
@@ -266,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn sink_sends_declared_events_and_refuses_after_retire() {
+    fn sink_sends_declared_events_stamped_with_its_generation_and_refuses_after_retire() {
         let (life, ctl) = ScopeLife::new(2);
         let rec = Arc::new(Recorder::default());
         let (sink, declarer) = crate::host::event_sink("demo", life, rec.clone());
@@ -291,7 +299,11 @@ mod tests {
         ));
         let got = rec.0.lock().unwrap().clone();
         assert_eq!(got.len(), 2);
-        assert_eq!(got[0], (5, "plugin.demo.ping".into(), r#"{"n":1}"#.into()));
+        // Stamped with the sink's generation, for the host's ordering.
+        assert_eq!(
+            got[0],
+            (5, "plugin.demo.ping".into(), r#"{"n":1}"#.into(), 2)
+        );
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! buffered count cannot drift.
 //!
 //! The writer also keeps the per-connection promise of `gateway.generation`:
-//! every response carries the generation that produced it, and the writer
-//! writes the `gateway.generation` event of a generation before the first
-//! response of that generation on the connection.
+//! every response and plugin event carries the generation that produced
+//! it, and the writer writes the `gateway.generation` event of a generation
+//! before the first response or event of that generation on the
+//! connection. The table queues no event of a generation that is not
+//! serving yet, so no generation is announced before it serves.
 //!
 //! - `outbox`: the queue and its receiving half, where bytes are charged
 //!   and refunded;

@@ -1,6 +1,7 @@
 //! One connection's outbound queue and the receiving half the writer owns.
 
 use super::GENERATION_EVENT;
+use plugin_api::OutboundEvent;
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,10 @@ pub(super) enum Outgoing {
     Response(String, u64),
     /// hello-ok, describing `generation`: the connection now knows it.
     Hello(String, u64),
-    /// An event, framed with the connection's next `seq` when written.
-    Event(Arc<str>, Arc<RawValue>),
+    /// An event, framed with the connection's next `seq` when written, and
+    /// the generation whose plugin emitted it (0: a host event, `tick` or
+    /// `shutdown`, of no generation).
+    Event(Arc<str>, Arc<RawValue>, u64),
     /// `gateway.generation` for `generation`; written only if the
     /// connection has not been told of it (or a later one) yet.
     Generation(u64, Arc<RawValue>),
@@ -34,7 +37,7 @@ impl Outgoing {
         ITEM_OVERHEAD
             + match self {
                 Outgoing::Frame(s) | Outgoing::Response(s, _) | Outgoing::Hello(s, _) => s.len(),
-                Outgoing::Event(n, p) => n.len() + p.get().len(),
+                Outgoing::Event(n, p, _) => n.len() + p.get().len(),
                 Outgoing::Generation(_, p) => GENERATION_EVENT.len() + p.get().len(),
                 Outgoing::Close(_, r) => r.len(),
             }
@@ -202,9 +205,20 @@ impl Outbox {
         self.push(Outgoing::Hello(text, generation))
     }
 
-    /// Queue an event; the writer gives it the next `seq`.
+    /// Queue a host event (`tick`, `shutdown`); the writer gives it the
+    /// next `seq`.
     pub(crate) fn event(&self, name: Arc<str>, payload: Arc<RawValue>) -> bool {
-        self.push(Outgoing::Event(name, payload))
+        self.push(Outgoing::Event(name, payload, 0))
+    }
+
+    /// Queue a plugin's event. The writer tells the connection about the
+    /// event's generation first if it has not yet, as for a response.
+    pub(crate) fn plugin_event(&self, event: &OutboundEvent) -> bool {
+        self.push(Outgoing::Event(
+            event.name.clone(),
+            event.payload.clone(),
+            event.generation,
+        ))
     }
 
     /// Queue `gateway.generation` for `generation` (payload: its number and

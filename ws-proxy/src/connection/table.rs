@@ -5,7 +5,8 @@ use super::Outbox;
 use dashmap::DashMap;
 use plugin_api::{ConnId, ConnectionInfo, EventTransport, OutboundEvent, Role};
 use serde_json::value::RawValue;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use tracing::debug;
 
 /// An authenticated connection as the table sees it.
 #[derive(Debug)]
@@ -24,14 +25,57 @@ pub(crate) struct Presence {
     pub(crate) last_activity_ms: u64,
 }
 
+/// Reads the generation serving now.
+type ServingGeneration = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// Every authenticated connection, by id. Lives for the process; it is the
 /// [`EventTransport`] the gateway's plugins reach clients through.
-#[derive(Debug, Default)]
+///
+/// A plugin's event is queued only once its generation serves: one emitted
+/// before the swap (from a constructor, a task spawned there, a plugin
+/// process between its handshake and the swap, a build that fails or a
+/// validation) reaches no connection, and the sink counts it delivered to
+/// none. Each connection's writer then tells the connection about the
+/// event's generation before the event, as before a response.
+#[derive(Default)]
 pub struct ConnectionTable {
     conns: DashMap<u64, Connection>,
+    /// Set once by the server; until then every generation but 0 counts as
+    /// serving (and there is no connection yet).
+    serving: OnceLock<ServingGeneration>,
+}
+
+impl std::fmt::Debug for ConnectionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionTable")
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectionTable {
+    /// Read the generation serving now from `serving` (the gateway's
+    /// current scope, read exactly, not a copy that could lag the swap).
+    pub(crate) fn follow_generations(&self, serving: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.serving.set(Box::new(serving));
+    }
+
+    /// Whether `event` may be queued now: its generation serves, or served
+    /// and is still handing over. Generation 0 never serves.
+    fn deliverable(&self, event: &OutboundEvent) -> bool {
+        let serving = self.serving.get().map_or(u64::MAX, |now| now());
+        if event.generation == 0 || event.generation > serving {
+            debug!(
+                event = %event.name,
+                generation = event.generation,
+                serving,
+                "event of a generation that is not serving not delivered"
+            );
+            return false;
+        }
+        true
+    }
+
     pub(crate) fn insert(&self, info: Arc<ConnectionInfo>, outbox: Arc<Outbox>) {
         let connected_at_ms = crate::server::unix_ms();
         outbox.mark_activity(connected_at_ms);
@@ -95,17 +139,23 @@ impl ConnectionTable {
 
 impl EventTransport for ConnectionTable {
     fn send_to(&self, conn: ConnId, event: &OutboundEvent) -> bool {
+        if !self.deliverable(event) {
+            return false;
+        }
         match self.conns.get(&conn.0) {
-            Some(c) => c.outbox.event(event.name.clone(), event.payload.clone()),
+            Some(c) => c.outbox.plugin_event(event),
             None => false,
         }
     }
 
     fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize {
+        if !self.deliverable(event) {
+            return 0;
+        }
         self.conns
             .iter()
             .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
-            .filter(|c| c.outbox.event(event.name.clone(), event.payload.clone()))
+            .filter(|c| c.outbox.plugin_event(event))
             .count()
     }
 
@@ -115,11 +165,14 @@ impl EventTransport for ConnectionTable {
         except: &[ConnId],
         event: &OutboundEvent,
     ) -> usize {
+        if !self.deliverable(event) {
+            return 0;
+        }
         self.conns
             .iter()
             .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
             .filter(|c| !except.contains(&c.info.conn_id))
-            .filter(|c| c.outbox.event(event.name.clone(), event.payload.clone()))
+            .filter(|c| c.outbox.plugin_event(event))
             .count()
     }
 
@@ -135,8 +188,10 @@ impl EventTransport for ConnectionTable {
 mod tests {
     use super::*;
     use crate::connection::OutboxReceiver;
+    use crate::connection::outbox::Outgoing;
     use crate::connection::test_raw as raw;
     use plugin_api::{ClientInfo, Scopes};
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn conn(table: &ConnectionTable, id: u64, role: Role, scopes: &[&str]) -> OutboxReceiver {
         let (outbox, rx) = Outbox::new(1 << 20);
@@ -151,10 +206,54 @@ mod tests {
     }
 
     fn event() -> OutboundEvent {
+        event_of(1)
+    }
+
+    fn event_of(generation: u64) -> OutboundEvent {
         OutboundEvent {
             name: "plugin.demo.ping".into(),
             payload: raw("{}"),
+            generation,
         }
+    }
+
+    /// The generation of the event queued next, if one is.
+    fn queued_generation(rx: &mut OutboxReceiver) -> Option<u64> {
+        match rx.try_recv()? {
+            Outgoing::Event(_, _, generation) => Some(generation),
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_are_queued_with_their_generation_once_it_serves() {
+        let table = ConnectionTable::default();
+        let serving = Arc::new(AtomicU64::new(1));
+        let now = serving.clone();
+        table.follow_generations(move || now.load(Ordering::SeqCst));
+        let mut rx = conn(&table, 1, Role::Operator, &["operator.admin"]);
+        // Generation 2 is being built: its events reach no connection, by
+        // any route, and the sink is told so.
+        let early = event_of(2);
+        assert!(!table.send_to(ConnId(1), &early));
+        assert_eq!(table.broadcast("operator.read", &early), 0);
+        assert_eq!(table.broadcast_except("operator.read", &[], &early), 0);
+        // A validation build's sink (generation 0) never serves.
+        assert_eq!(table.broadcast("operator.read", &event_of(0)), 0);
+        assert_eq!(queued_generation(&mut rx), None);
+        // The swap: 2 serves, 1 still hands over; both are delivered, each
+        // with the generation that emitted it.
+        serving.store(2, Ordering::SeqCst);
+        assert!(table.send_to(ConnId(1), &event_of(2)));
+        assert_eq!(table.broadcast("operator.read", &event_of(1)), 1);
+        assert_eq!(
+            table.broadcast_except("operator.read", &[ConnId(9)], &event_of(2)),
+            1
+        );
+        assert_eq!(queued_generation(&mut rx), Some(2));
+        assert_eq!(queued_generation(&mut rx), Some(1));
+        assert_eq!(queued_generation(&mut rx), Some(2));
+        assert_eq!(queued_generation(&mut rx), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The writer task: takes items off a connection's outbox only when it is
 //! about to write them, writes bursts with one flush, numbers events, and
-//! writes `gateway.generation` before the first response of a generation
-//! the connection was not told of.
+//! writes `gateway.generation` before the first response or plugin event of
+//! a generation the connection was not told of.
 
 use super::{GENERATION_EVENT, OutboxReceiver, outbox::Outgoing};
 use futures::{Sink, SinkExt};
@@ -44,8 +44,32 @@ where
         Message::text(encode_event(name, Some(payload), Some(self.seq)))
     }
 
-    /// Feed one item to `sink` (a response of a generation the connection
-    /// was not told of yet is preceded by that generation's event). Returns
+    /// Before an item of `generation` (0: none): if the connection was not
+    /// told of that generation yet, feed `gateway.generation` of the
+    /// generation serving now. That is never older than `generation`: a
+    /// response comes from a generation that admitted it, so it served, and
+    /// the table queues no event of a generation that is not serving yet.
+    async fn announce_up_to<S>(&mut self, sink: &mut S, generation: u64) -> Result<(), S::Error>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        if generation <= self.announced {
+            return Ok(());
+        }
+        let (current, payload) = (self.announce)();
+        debug_assert!(current >= generation);
+        if current > self.announced {
+            self.announced = current;
+            let notice = self.event(GENERATION_EVENT, &payload);
+            sink.feed(notice).await?;
+        }
+        Ok(())
+    }
+
+    /// Feed one item to `sink` (a response or plugin event of a generation
+    /// the connection was not told of yet is preceded by that generation's
+    /// `gateway.generation`; one of an older generation, still handing
+    /// over, is written as it is). Returns
     /// the close frame's code and reason for [`Outgoing::Close`], which is
     /// not fed.
     async fn feed<S>(
@@ -59,20 +83,17 @@ where
         let msg = match item {
             Outgoing::Frame(s) => Message::text(s),
             Outgoing::Response(s, generation) => {
-                if generation > self.announced {
-                    let (current, payload) = (self.announce)();
-                    debug_assert!(current >= generation);
-                    let notice = self.event(GENERATION_EVENT, &payload);
-                    self.announced = self.announced.max(current);
-                    sink.feed(notice).await?;
-                }
+                self.announce_up_to(sink, generation).await?;
                 Message::text(s)
             }
             Outgoing::Hello(s, generation) => {
                 self.announced = self.announced.max(generation);
                 Message::text(s)
             }
-            Outgoing::Event(name, payload) => self.event(&name, &payload),
+            Outgoing::Event(name, payload, generation) => {
+                self.announce_up_to(sink, generation).await?;
+                self.event(&name, &payload)
+            }
             Outgoing::Generation(generation, payload) => {
                 if generation <= self.announced {
                     return Ok(None);
@@ -208,6 +229,7 @@ mod tests {
     use crate::connection::Outbox;
     use crate::connection::outbox::ITEM_OVERHEAD;
     use crate::connection::test_raw as raw;
+    use plugin_api::OutboundEvent;
     use std::pin::Pin;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -389,6 +411,126 @@ mod tests {
             .collect()
     }
 
+    /// What the client saw: `event#seq:payload.generation` for events, the
+    /// id for responses.
+    fn shape(rec: &Recorder) -> Vec<String> {
+        parsed(rec)
+            .iter()
+            .map(|f| match f["type"].as_str().unwrap() {
+                "event" => format!(
+                    "{}#{}:{}",
+                    f["event"].as_str().unwrap(),
+                    f["seq"],
+                    f["payload"]["generation"]
+                ),
+                _ => f["id"].as_str().unwrap().to_string(),
+            })
+            .collect()
+    }
+
+    /// A plugin event `name` emitted by `generation` (payload `{}`).
+    fn plugin_event(name: &str, generation: u64) -> OutboundEvent {
+        OutboundEvent {
+            name: name.into(),
+            payload: raw("{}"),
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generation_is_announced_before_its_first_event_exactly_once() {
+        let announce = || (2, raw(r#"{"generation":2}"#));
+        let (outbox, rx) = Outbox::new(1 << 20);
+        outbox.hello(r#"{"type":"res","id":"hello"}"#.into(), 1);
+        outbox.plugin_event(&plugin_event("p.a", 1));
+        // The first event of generation 2 comes before its broadcast.
+        outbox.plugin_event(&plugin_event("p.b", 2));
+        outbox.plugin_event(&plugin_event("p.c", 2));
+        outbox.response(r#"{"type":"res","id":"r2"}"#.into(), 2);
+        outbox.generation(2, raw(r#"{"generation":2}"#));
+        // Generation 1 still hands over: its events and responses go out
+        // as they are, with no older notice.
+        outbox.plugin_event(&plugin_event("p.d", 1));
+        outbox.response(r#"{"type":"res","id":"r1"}"#.into(), 1);
+        outbox.event("tick".into(), raw("{}"));
+        outbox.plugin_event(&plugin_event("p.e", 2));
+        outbox.close(1000, "done");
+        let rec = Recorder::default();
+        run_writer(rx, rec.clone(), HOUR, announce).await;
+        assert_eq!(
+            shape(&rec),
+            [
+                "hello",
+                "p.a#1:null",
+                "gateway.generation#2:2",
+                "p.b#3:null",
+                "p.c#4:null",
+                "r2",
+                "p.d#5:null",
+                "r1",
+                "tick#6:null",
+                "p.e#7:null",
+            ]
+        );
+        assert_eq!(outbox.buffered.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn responses_and_events_of_new_generations_share_one_notice_each() {
+        // Three generations, their responses and events interleaved, each
+        // kind first in turn; the connection serves 4 by the end.
+        let serving = Arc::new(AtomicUsize::new(2));
+        let now = serving.clone();
+        let announce = move || {
+            let g = now.load(Ordering::SeqCst) as u64;
+            (g, raw(&format!(r#"{{"generation":{g}}}"#)))
+        };
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let rec = Recorder::default();
+        let writer = tokio::spawn(run_writer(rx, rec.clone(), HOUR, announce));
+        outbox.hello(r#"{"type":"res","id":"hello"}"#.into(), 1);
+        // Generation 2: a response first.
+        outbox.response(r#"{"type":"res","id":"r2"}"#.into(), 2);
+        outbox.plugin_event(&plugin_event("p.2", 2));
+        while rec.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        // Generation 3: an event first.
+        serving.store(3, Ordering::SeqCst);
+        outbox.plugin_event(&plugin_event("p.3", 3));
+        outbox.response(r#"{"type":"res","id":"r3"}"#.into(), 3);
+        outbox.plugin_event(&plugin_event("p.2late", 2));
+        while rec.len() < 7 {
+            tokio::task::yield_now().await;
+        }
+        // Generation 4 serves already when an event of 3 the connection was
+        // told of and one of 4 arrive: one notice, naming 4.
+        serving.store(4, Ordering::SeqCst);
+        outbox.plugin_event(&plugin_event("p.3b", 3));
+        outbox.plugin_event(&plugin_event("p.4", 4));
+        outbox.generation(4, raw(r#"{"generation":4}"#));
+        outbox.response(r#"{"type":"res","id":"r4"}"#.into(), 4);
+        outbox.close(1000, "done");
+        writer.await.unwrap();
+        assert_eq!(
+            shape(&rec),
+            [
+                "hello",
+                "gateway.generation#1:2",
+                "r2",
+                "p.2#2:null",
+                "gateway.generation#3:3",
+                "p.3#4:null",
+                "r3",
+                "p.2late#5:null",
+                "p.3b#6:null",
+                "gateway.generation#7:4",
+                "p.4#8:null",
+                "r4",
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_generation_is_announced_before_its_first_response() {
         let announce = || (2, raw(r#"{"generation":2}"#));
@@ -406,21 +548,8 @@ mod tests {
         outbox.close(1000, "done");
         let rec = Recorder::default();
         run_writer(rx, rec.clone(), HOUR, announce).await;
-        let frames = parsed(&rec);
-        let shape: Vec<String> = frames
-            .iter()
-            .map(|f| match f["type"].as_str().unwrap() {
-                "event" => format!(
-                    "{}#{}:{}",
-                    f["event"].as_str().unwrap(),
-                    f["seq"],
-                    f["payload"]["generation"]
-                ),
-                _ => f["id"].as_str().unwrap().to_string(),
-            })
-            .collect();
         assert_eq!(
-            shape,
+            shape(&rec),
             [
                 "hello",
                 "a",

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 /// On each new generation: tell every connection (`gateway.generation`), or
 /// close them all when `restart.connections = "close"`. A connection's
-/// writer also tells it before the first response of a generation it was
-/// not told of yet, so this broadcast may come second; the writer skips it
-/// then.
+/// writer also tells it before the first response or plugin event of a
+/// generation it was not told of yet, so this broadcast may come second;
+/// the writer skips it then.
 pub(super) async fn watch_generations(shared: Arc<Shared>) {
     let mut rx = shared.gateway.subscribe();
     rx.borrow_and_update();

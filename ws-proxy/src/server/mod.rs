@@ -211,6 +211,14 @@ async fn start_with(settings: Settings, catalog: Catalog) -> Result<RunningServe
         unlisten: CancellationToken::new(),
     });
     let _ = link.set(Arc::downgrade(&shared));
+    // Plugin events are delivered once their generation serves: the table
+    // reads the current scope itself, exactly as dispatch does.
+    let serving = Arc::downgrade(&shared);
+    shared.table.follow_generations(move || {
+        serving
+            .upgrade()
+            .map_or(0, |s| s.gateway.current().generation())
+    });
     tokio::spawn(accept::accept_loop(shared.clone(), listener));
     tokio::spawn(generations::watch_generations(shared.clone()));
     info!(%addr, "listening on ws://{addr}");

@@ -7,6 +7,7 @@ mod common;
 
 mod bncr_e2e;
 mod docs_reference;
+mod event_order;
 mod handshake_table;
 mod hostile_input;
 mod open_connections;
