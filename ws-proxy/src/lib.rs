@@ -30,6 +30,12 @@ pub mod signals;
 #[doc = include_str!("../../README.md")]
 struct ReadmeSnippets;
 
+/// The plugin guide's Rust example (`docs/plugins.md`), compiled and run as a
+/// doctest: the guide cannot describe an API that does not exist.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/plugins.md")]
+struct PluginGuideSnippets;
+
 pub use config::{AuthMode, Cli, Limits, LogFormat, SecretOrigin, Settings, SettingsError};
 pub use connection::ConnectionTable;
 pub use metrics::Metrics;
