@@ -117,13 +117,21 @@ async fn journaled_but_not_handed_on_is_handed_on_by_the_next_generation() {
     let host = start(dir.path(), json!({})).await;
     host.shutdown().await;
     drop(host);
-    // Simulate a crash between journaling and publishing.
+    // Simulate a crash between journaling and publishing. Received now: a
+    // row handed on and older than `dedupeTtlMs` is pruned by the next sweep.
     let db = dir.path().join("bncr/bncr.sqlite3");
     let c = rusqlite::Connection::open(&db).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     c.execute(
         "INSERT INTO inbound(account_id, platform, group_id, user_id, msg_id, payload, received_at, handed_on)
-         VALUES ('Primary','qq','0','5','lost-1', ?1, 1, 0)",
-        [json!({"channel": "bncr", "msgId": "lost-1", "msg": "late"}).to_string()],
+         VALUES ('Primary','qq','0','5','lost-1', ?1, ?2, 0)",
+        rusqlite::params![
+            json!({"channel": "bncr", "msgId": "lost-1", "msg": "late"}).to_string(),
+            now_ms
+        ],
     )
     .unwrap();
     drop(c);

@@ -156,15 +156,21 @@ pub fn first_seen(ids: &[String]) -> Vec<String> {
 /// Whether the inbound journal below `dir` marks message `msg_id` handed
 /// on (`None`: not journaled).
 pub fn journaled_handed_on(dir: &Path, msg_id: &str) -> Option<bool> {
-    let db = rusqlite::Connection::open(dir.join("bncr/bncr.sqlite3")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    db.query_row(
-        "SELECT handed_on FROM inbound WHERE msg_id = ?1",
-        [msg_id],
-        |r| r.get::<_, i64>(0),
-    )
-    .ok()
-    .map(|v| v == 1)
+    read_handed_on(dir, msg_id).unwrap_or_else(|e| panic!("reading the journal: {e}"))
+}
+
+fn read_handed_on(dir: &Path, msg_id: &str) -> rusqlite::Result<Option<bool>> {
+    use rusqlite::OptionalExtension;
+    let db = rusqlite::Connection::open(dir.join("bncr/bncr.sqlite3"))?;
+    db.busy_timeout(Duration::from_secs(5))?;
+    let v = db
+        .query_row(
+            "SELECT handed_on FROM inbound WHERE msg_id = ?1",
+            [msg_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?;
+    Ok(v.map(|v| v == 1))
 }
 
 /// Wait until the journal marks each of `msg_ids` handed on. A delivery is
@@ -173,10 +179,14 @@ pub fn journaled_handed_on(dir: &Path, msg_id: &str) -> Option<bool> {
 pub async fn until_journaled_handed_on(dir: &Path, msg_ids: &[&str]) {
     let deadline = tokio::time::Instant::now() + WAIT;
     for id in msg_ids {
-        while journaled_handed_on(dir, id) != Some(true) {
+        loop {
+            let marked = read_handed_on(dir, id);
+            if matches!(marked, Ok(Some(true))) {
+                break;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{id} not journaled as handed on"
+                "{id} not journaled as handed on: {marked:?}"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
