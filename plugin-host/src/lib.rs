@@ -103,6 +103,16 @@ impl Default for Limits {
     }
 }
 
+/// Environment variables the host sets for every plugin process: its
+/// per-generation temporary directory, its id, its generation and its
+/// durable directory. A plugin's configured environment cannot set them.
+pub const HOST_ENV: [&str; 4] = [
+    "TMPDIR",
+    "GATEWAY_PLUGIN_ID",
+    "GATEWAY_GENERATION",
+    "GATEWAY_PLUGIN_STATE_DIR",
+];
+
 /// How to run one plugin for one generation.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
@@ -116,7 +126,7 @@ pub struct SpawnSpec {
     pub argv: Vec<OsString>,
     /// Environment granted by the plugin's config, on top of the allow-list
     /// (`PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `LANGUAGE`, `LC_ALL`,
-    /// `LC_CTYPE`, `LC_MESSAGES`, `TZ`, `TERM`).
+    /// `LC_CTYPE`, `LC_MESSAGES`, `TZ`, `TERM`); never [`HOST_ENV`].
     pub env: Vec<(String, String)>,
     /// The plugin's validated config.
     pub config: Value,

@@ -14,6 +14,7 @@ use plugin_protocol::{
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -118,6 +119,18 @@ const ENV_ALLOW: &[&str] = &[
     "TERM",
 ];
 
+/// What the host tells every plugin process about itself, in
+/// [`crate::HOST_ENV`] order.
+fn host_env(spec: &SpawnSpec, tmp_dir: &std::path::Path) -> [(&'static str, OsString); 4] {
+    let [tmp, id, generation, state] = crate::HOST_ENV;
+    [
+        (tmp, tmp_dir.as_os_str().to_owned()),
+        (id, spec.plugin_id.clone().into()),
+        (generation, spec.generation.to_string().into()),
+        (state, spec.state_dir.as_os_str().to_owned()),
+    ]
+}
+
 impl Process {
     /// Spawn the process in its own process group, with the allowed
     /// environment, in the plugin's directory.
@@ -146,11 +159,12 @@ impl Process {
                 cmd.env(key, v);
             }
         }
-        cmd.env("TMPDIR", tmp_dir)
-            .env("GATEWAY_PLUGIN_ID", &spec.plugin_id)
-            .env("GATEWAY_GENERATION", spec.generation.to_string())
-            .env("GATEWAY_PLUGIN_STATE_DIR", &spec.state_dir);
         for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        // Last, so the configured environment cannot override what the
+        // host tells the plugin about itself.
+        for (k, v) in host_env(spec, tmp_dir) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn()?;

@@ -31,7 +31,12 @@ impl Env {
             generation: 7,
             dir: self.dir.path().join("plugin"),
             argv: vec!["python3".into(), fixture().into()],
-            env: vec![("GRANTED".into(), "yes".into())],
+            // The last two try to override what the host sets: they lose.
+            env: vec![
+                ("GRANTED".into(), "yes".into()),
+                ("GATEWAY_PLUGIN_ID".into(), "spoofed".into()),
+                ("TMPDIR".into(), "/spoofed".into()),
+            ],
             config,
             state_dir: self.dir.path().join("state/t"),
             tmp_root: self.dir.path().join("tmp"),

@@ -28,8 +28,9 @@
 //! Write logs to stderr; stdout belongs to the protocol.
 //!
 //! Out of process, a plugin cannot declare channels (`send` routing),
-//! node-only methods or connection-closed hooks; they are reported on stderr
-//! and left out. [`run`] takes any reader and writer, so a plugin can be
+//! node-only methods, connection-opened or connection-closed hooks, or
+//! health checks; each kind declared is named on stderr (which the gateway
+//! logs) and left out. [`run`] takes any reader and writer, so a plugin can be
 //! tested without a gateway.
 
 use plugin_api::{
@@ -296,10 +297,12 @@ fn initialize(
     plugin.register(&mut registrar);
     let decl = plugin_api::host::declarations(registrar);
     declarer.declare(decl.events.iter().cloned());
-    if !decl.channels.is_empty() || !decl.connection_closed.is_empty() {
+    let unavailable = unavailable_out_of_process(&decl);
+    if !unavailable.is_empty() {
         eprintln!(
-            "plugin {}: channels and connection-closed hooks are not available to command plugins; ignored",
-            p.plugin_id
+            "plugin {}: {} not available to command plugins; ignored",
+            p.plugin_id,
+            unavailable.join(", ")
         );
     }
     let mut methods = HashMap::new();
@@ -412,6 +415,26 @@ async fn services(s: &Served, start: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The kinds of declarations `decl` holds that a plugin process cannot
+/// serve, named for the warning.
+fn unavailable_out_of_process(decl: &plugin_api::Declarations) -> Vec<&'static str> {
+    [
+        (!decl.channels.is_empty(), "channels"),
+        (
+            !decl.connection_opened.is_empty(),
+            "connection-opened hooks",
+        ),
+        (
+            !decl.connection_closed.is_empty(),
+            "connection-closed hooks",
+        ),
+        (!decl.health.is_empty(), "health checks"),
+    ]
+    .into_iter()
+    .filter_map(|(declared, kind)| declared.then_some(kind))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +458,29 @@ mod tests {
             });
             r.method("adder.boom").sync(|_, _| panic!("boom"));
         }
+    }
+
+    #[test]
+    fn every_kind_a_process_cannot_serve_is_named() {
+        let decl = |f: &dyn Fn(&mut plugin_api::Registrar)| {
+            let mut r = plugin_api::host::registrar("p");
+            f(&mut r);
+            plugin_api::host::declarations(r)
+        };
+        assert!(unavailable_out_of_process(&decl(&|r| Adder.register(r))).is_empty());
+        let all = decl(&|r| {
+            r.on_connection_opened(|_| {});
+            r.on_connection_closed(|_| {});
+            r.health_check(|| None);
+        });
+        assert_eq!(
+            unavailable_out_of_process(&all),
+            [
+                "connection-opened hooks",
+                "connection-closed hooks",
+                "health checks"
+            ]
+        );
     }
 
     #[tokio::test]
