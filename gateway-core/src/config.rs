@@ -65,6 +65,46 @@ pub struct PluginsConfig {
     pub max_calls_in_flight: Option<usize>,
 }
 
+impl PluginsConfig {
+    /// Process timeouts and the in-flight cap must be positive (zero would
+    /// make every call time out or busy), and an entry's `env` cannot set
+    /// what the host tells every plugin process ([`plugin_host::HOST_ENV`])
+    /// or a name a process environment cannot hold.
+    pub(crate) fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
+        let positive = [
+            ("plugins.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("plugins.call_timeout_ms", self.call_timeout_ms),
+            (
+                "plugins.max_calls_in_flight",
+                self.max_calls_in_flight.map(|n| n as u64),
+            ),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == Some(0)) {
+            return Err(ConfigError::at_field(origin, field, "must be positive"));
+        }
+        for (id, entry) in &self.entries {
+            for key in entry.env.keys() {
+                let field = format!("plugins.entries.{id}.env.{key}");
+                if plugin_host::HOST_ENV.contains(&key.as_str()) {
+                    return Err(ConfigError::at_field(
+                        origin,
+                        &field,
+                        "is set by the gateway for every plugin process and cannot be configured",
+                    ));
+                }
+                if key.is_empty() || key.contains(['=', '\0']) {
+                    return Err(ConfigError::at_field(
+                        origin,
+                        &field,
+                        "is not a valid environment variable name",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[plugins.entries.<id>]`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -490,6 +530,34 @@ timeout_ms = 2500
             Duration::from_millis(2500)
         );
         assert!(cfg.requests.check(cfg.origin.as_ref()).is_ok());
+    }
+
+    #[test]
+    fn plugin_process_settings_are_checked() {
+        let check = |text: &str| {
+            let cfg: GatewaySections = parse_toml(&origin(text)).unwrap();
+            cfg.plugins.check(Some(&origin(text)))
+        };
+        let ok = "[plugins]\ncall_timeout_ms = 1\nhandshake_timeout_ms = 1\nmax_calls_in_flight = 1\n\
+                  [plugins.entries.p.env]\nAPI_KEY = \"x\"\n";
+        assert!(check(ok).is_ok());
+        for field in [
+            "call_timeout_ms",
+            "handshake_timeout_ms",
+            "max_calls_in_flight",
+        ] {
+            let err = check(&format!("[plugins]\n{field} = 0\n")).unwrap_err();
+            assert_eq!(err.field, Some(format!("plugins.{field}")));
+            assert_eq!(err.line, Some(2));
+            assert_eq!(err.message, "must be positive");
+        }
+        for key in plugin_host::HOST_ENV {
+            let err = check(&format!("[plugins.entries.p.env]\n{key} = \"x\"\n")).unwrap_err();
+            assert_eq!(err.field, Some(format!("plugins.entries.p.env.{key}")));
+            assert!(err.message.contains("set by the gateway"), "{err}");
+        }
+        let err = check("[plugins.entries.p.env]\n\"A=B\" = \"x\"\n").unwrap_err();
+        assert!(err.message.contains("not a valid"), "{err}");
     }
 
     #[test]

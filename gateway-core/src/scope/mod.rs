@@ -167,6 +167,7 @@ impl RestartScope {
         inputs: BuildInputs<'_>,
     ) -> Result<RestartScope, BuildError> {
         config.requests.check(config.origin.as_ref())?;
+        config.plugins.check(config.origin.as_ref())?;
         let cx = LoadContext {
             config,
             state_dir: inputs.state_dir,
