@@ -107,7 +107,7 @@ fn jsonrpsee_module() -> RpcModule<()> {
 fn dispatch(c: &mut Criterion) {
     let runtime = current_thread_runtime();
     let gateway = runtime.block_on(benches::start_gateway(vec![BenchPlugin::dispatch()]));
-    let ctx = RequestContext::internal(ConnId(1));
+    let ctx = plugin_api::host::internal_context(ConnId(1));
     let module = jsonrpsee_module();
 
     for (label, method) in [("trivial", TRIVIAL), ("async", ASYNC)] {

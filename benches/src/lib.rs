@@ -4,9 +4,9 @@
 //! Nothing here is timed; the bench targets decide what is measured.
 
 use gateway_core::{Catalog, Gateway, GatewayConfig, GatewayOptions, StaticConfig};
+use plugin_api::host::{Declarations, NullTransport};
 use plugin_api::{
-    BoxFuture, Declarations, MethodResult, NullTransport, Plugin, PluginContext, PluginFactory,
-    Registrar, Service, Value,
+    BoxFuture, MethodResult, Plugin, PluginContext, PluginFactory, Registrar, Service, Value,
 };
 use serde_json::json;
 use std::sync::Arc;

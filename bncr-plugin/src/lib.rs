@@ -347,7 +347,8 @@ impl Channel for BncrChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::{NullTransport, RequiredScope};
+    use plugin_api::RequiredScope;
+    use plugin_api::host::NullTransport;
 
     #[test]
     fn factory_declares_the_contract_without_side_effects() {

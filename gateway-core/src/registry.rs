@@ -6,9 +6,10 @@
 
 use crate::frame::Features;
 use crate::policy::HostPolicy;
+use plugin_api::host::{Declarations, MethodSpec};
 use plugin_api::{
-    Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations, HealthCheck, MethodBuilder,
-    MethodSpec, Registrar, RequestContext, RequiredScope, Role, RpcError, scope,
+    Channel, ConnectionClosedHook, ConnectionOpenedHook, HealthCheck, MethodBuilder, Registrar,
+    RequestContext, RequiredScope, Role, RpcError, scope,
 };
 use rustc_hash::FxHashMap;
 use std::fmt;
@@ -650,7 +651,7 @@ mod tests {
             .unwrap();
         let reg = b.build();
         let ctx = |role, scopes: &[&str]| {
-            RequestContext::new(Arc::new(ConnectionInfo {
+            plugin_api::host::request_context(Arc::new(ConnectionInfo {
                 conn_id: ConnId(1),
                 role,
                 scopes: Scopes::new(scopes.iter().copied()),

@@ -54,9 +54,10 @@ use crate::gateway::{Gateway, GatewayOptions};
 use crate::loader::{BuildError, Catalog};
 use crate::report::RestartOutcome;
 use crate::scope::ShutdownReport;
+use plugin_api::host::{EventTransport, OutboundEvent};
 use plugin_api::{
-    ClientInfo, ConnId, ConnectionInfo, EventTransport, MethodResult, OutboundEvent, Params,
-    PluginFactory, RequestContext, Role, RpcError, Scopes, Value,
+    ClientInfo, ConnId, ConnectionInfo, MethodResult, Params, PluginFactory, Role, RpcError,
+    Scopes, Value,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -332,7 +333,7 @@ impl TestHost {
     /// `plugins.loaded`, `plugins.errors`, `plugins.degraded`, ...).
     pub async fn health(&self) -> MethodResult {
         // `health` needs no scope; the caller is the embedding program.
-        let ctx = RequestContext::internal(ConnId(0));
+        let ctx = plugin_api::host::internal_context(ConnId(0));
         self.gateway
             .dispatch(ctx, "health", Params::from_value(&Value::Null))
             .await
@@ -425,7 +426,7 @@ impl TestClient {
                 "connection lost: the test host crashed",
             ));
         };
-        let ctx = RequestContext::new(self.info.clone());
+        let ctx = plugin_api::host::request_context(self.info.clone());
         gateway
             .dispatch(ctx, method, Params::from_value(&params))
             .await
@@ -663,7 +664,7 @@ mod tests {
     impl plugin_api::Channel for ProbeChannel {
         fn send(
             self: Arc<Self>,
-            ctx: RequestContext,
+            ctx: plugin_api::RequestContext,
             m: plugin_api::OutboundMessage,
         ) -> futures::future::BoxFuture<'static, Result<plugin_api::SendReceipt, RpcError>>
         {

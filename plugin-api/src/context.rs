@@ -133,24 +133,10 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// A context for requests arriving on `conn`.
-    pub fn new(conn: Arc<ConnectionInfo>) -> Self {
+    /// A context for requests arriving on `conn`
+    /// ([`crate::host::request_context`]).
+    pub(crate) fn new(conn: Arc<ConnectionInfo>) -> Self {
         RequestContext { conn }
-    }
-
-    /// A context for in-process callers (tests, embedding programs): an
-    /// operator holding `operator.admin`.
-    pub fn internal(conn_id: ConnId) -> Self {
-        RequestContext::new(Arc::new(ConnectionInfo {
-            conn_id,
-            role: Role::Operator,
-            scopes: Scopes::new([scope::ADMIN]),
-            client: ClientInfo {
-                id: "internal".into(),
-                mode: "internal".into(),
-                ..ClientInfo::default()
-            },
-        }))
     }
 
     /// The calling connection's id.

@@ -12,9 +12,34 @@
 //! gateway's connections, and a generation of its own, not the one it runs
 //! in.
 
+pub use crate::events::{EventDeclarer, EventTransport, NullTransport, OutboundEvent};
 pub use crate::life::LifeController;
-use crate::{Declarations, EventDeclarer, EventSink, EventTransport, Registrar, ScopeLife};
+pub use crate::registrar::{AsyncHandler, Declarations, Handler, MethodSpec, SyncHandler};
+use crate::{ClientInfo, ConnId, ConnectionInfo, EventSink, Registrar, RequestContext, ScopeLife};
+use crate::{Role, Scopes, scope};
 use std::sync::Arc;
+
+/// The context a request arriving on `conn` runs in, built by the host from
+/// the connection it authenticated. Its role and scopes are what the host
+/// checks before it calls a handler.
+pub fn request_context(conn: Arc<ConnectionInfo>) -> RequestContext {
+    RequestContext::new(conn)
+}
+
+/// A context for in-process callers of the host (tests, embedding
+/// programs): an operator holding `operator.admin` on connection `conn_id`.
+pub fn internal_context(conn_id: ConnId) -> RequestContext {
+    RequestContext::new(Arc::new(ConnectionInfo {
+        conn_id,
+        role: Role::Operator,
+        scopes: Scopes::new([scope::ADMIN]),
+        client: ClientInfo {
+            id: "internal".into(),
+            mode: "internal".into(),
+            ..ClientInfo::default()
+        },
+    }))
+}
 
 /// A new, live generation and the controller that retires it. Call once per
 /// generation; hand the plugin the [`ScopeLife`], keep the controller.

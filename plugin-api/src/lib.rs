@@ -42,16 +42,12 @@ pub use context::{
     ClientInfo, ConnId, ConnectionInfo, Params, RequestContext, Role, Scopes, scope,
 };
 pub use error::{ErrorCode, PluginError, RpcError};
-pub use events::{
-    EventDeclarer, EventError, EventSink, EventTransport, NullTransport, OutboundEvent,
-    RESERVED_EVENTS, is_reserved_event,
-};
+pub use events::{EventError, EventSink, RESERVED_EVENTS, is_reserved_event};
 pub use life::{HandleError, Retired, ScopeHandle, ScopeLife};
 pub use plugin::{CreateFn, Plugin, PluginContext, PluginFactory};
 pub use registrar::{
-    AsyncHandler, BoxFuture, Channel, ConnectionClosedHook, ConnectionOpenedHook, Declarations,
-    Handler, HealthCheck, MethodBuilder, MethodResult, MethodSpec, OutboundMessage, Registrar,
-    RequiredScope, SendReceipt, Service, SyncHandler,
+    BoxFuture, Channel, ConnectionClosedHook, ConnectionOpenedHook, HealthCheck, MethodBuilder,
+    MethodResult, OutboundMessage, Registrar, RequiredScope, SendReceipt, Service,
 };
 pub use serde_json::Value;
 pub use typed::ServiceFn;

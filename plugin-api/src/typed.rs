@@ -146,7 +146,7 @@ impl Service for ServiceFn {
 #[cfg(test)]
 mod tests {
     use crate::registrar::Handler;
-    use crate::{ConnId, Params, Registrar, RequestContext, ServiceFn, scope};
+    use crate::{ConnId, Params, Registrar, ServiceFn, scope};
     use serde::{Deserialize, Serialize};
     use serde_json::json;
     use std::sync::Arc;
@@ -170,7 +170,7 @@ mod tests {
             panic!("typed declares a sync handler")
         };
         h(
-            &RequestContext::internal(ConnId(1)),
+            &crate::host::internal_context(ConnId(1)),
             Params::from_value(&params),
         )
     }
@@ -211,7 +211,7 @@ mod tests {
             panic!("typed_async declares an async handler")
         };
         let got = h(
-            RequestContext::internal(ConnId(1)),
+            crate::host::internal_context(ConnId(1)),
             Params::from_value(&json!({"a": 1, "b": 2})),
         )
         .await;

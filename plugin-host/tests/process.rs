@@ -1,9 +1,8 @@
 //! Real plugin processes (a Python command plugin from `tests/fixtures`),
 //! real pipes, real signals.
 
-use plugin_api::{
-    ConnId, ErrorCode, EventTransport, OutboundEvent, Params, RequestContext, RpcError,
-};
+use plugin_api::host::{EventTransport, OutboundEvent};
+use plugin_api::{ConnId, ErrorCode, Params, RequestContext, RpcError};
 use plugin_host::{Limits, ProcessState, RuntimePlugin, SpawnSpec};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -52,7 +51,7 @@ async fn start(env: &Env, config: Value, limits: Limits) -> RuntimePlugin {
 }
 
 fn ctx() -> RequestContext {
-    RequestContext::internal(ConnId(42))
+    plugin_api::host::internal_context(ConnId(42))
 }
 
 async fn call(p: &RuntimePlugin, method: &str, params: Value) -> Result<Value, RpcError> {

@@ -33,10 +33,10 @@
 //! logs) and left out. [`run`] takes any reader and writer, so a plugin can be
 //! tested without a gateway.
 
+use plugin_api::host::{EventTransport, Handler, OutboundEvent};
 use plugin_api::{
-    ClientInfo, ConnId, ConnectionInfo, EventTransport, Handler, OutboundEvent, Params,
-    PluginContext, PluginFactory, RequestContext, RequiredScope, Role, RpcError, Scopes, Service,
-    Value,
+    ClientInfo, ConnId, ConnectionInfo, Params, PluginContext, PluginFactory, RequiredScope, Role,
+    RpcError, Scopes, Service, Value,
 };
 use plugin_protocol::{
     self as proto, CallParams, CallResult, CancelParams, EmitParams, ErrorObject, InitializeParams,
@@ -370,7 +370,7 @@ async fn call(s: &Served, p: CallParams) -> CallResult {
         Role::Operator
     };
     let client: ClientInfo = serde_json::from_value(p.client.client).unwrap_or_default();
-    let ctx = RequestContext::new(Arc::new(ConnectionInfo {
+    let ctx = plugin_api::host::request_context(Arc::new(ConnectionInfo {
         conn_id: ConnId(p.client.conn_id),
         role,
         scopes: Scopes::new(p.client.scopes),
@@ -417,7 +417,7 @@ async fn services(s: &Served, start: bool) -> Result<(), String> {
 
 /// The kinds of declarations `decl` holds that a plugin process cannot
 /// serve, named for the warning.
-fn unavailable_out_of_process(decl: &plugin_api::Declarations) -> Vec<&'static str> {
+fn unavailable_out_of_process(decl: &plugin_api::host::Declarations) -> Vec<&'static str> {
     [
         (!decl.channels.is_empty(), "channels"),
         (

@@ -5,7 +5,7 @@
 //! the generation that [`gateway_core::Gateway`] serves now. Modules:
 //! [`config`] (command line, environment, TOML file), the server (hyper,
 //! probes, WebSocket upgrade, handshake, per-connection loop), the
-//! connection table (the plugins' [`plugin_api::EventTransport`]), metrics
+//! connection table (the plugins' [`plugin_api::host::EventTransport`]), metrics
 //! and [`signals`].
 //!
 //! The binary is a thin wrapper around [`start`]; integration tests can

@@ -9,7 +9,7 @@
 //! answers operators see, so no plugin needs a metrics API.
 
 use gateway_core::Gateway;
-use plugin_api::{ConnId, ErrorCode, Params, RequestContext, RpcError};
+use plugin_api::{ConnId, ErrorCode, Params, RpcError};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::future::Future as _;
@@ -437,7 +437,7 @@ fn call_now(gateway: &Gateway, method: &str) -> Option<Value> {
     if !gateway.dispatches(method) {
         return None;
     }
-    let ctx = RequestContext::internal(ConnId(0));
+    let ctx = plugin_api::host::internal_context(ConnId(0));
     let mut fut = std::pin::pin!(gateway.dispatch(ctx, method, Params::none()));
     let mut cx = Context::from_waker(futures::task::noop_waker_ref());
     match fut.as_mut().poll(&mut cx) {

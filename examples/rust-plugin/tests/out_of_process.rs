@@ -1,7 +1,7 @@
 //! The example binary as the gateway runs it: a real process speaking the
 //! plugin protocol, driven by the gateway's own host side.
 
-use plugin_api::{ConnId, Params, RequestContext, scope};
+use plugin_api::{ConnId, Params, scope};
 use plugin_host::{Limits, ProcessState, RuntimePlugin, SpawnSpec};
 use serde_json::json;
 use std::path::Path;
@@ -29,7 +29,7 @@ async fn declares_serves_and_runs_its_service_out_of_process() {
     assert_eq!(d.events, vec!["plugin.rust-stats.computed".to_string()]);
     assert_eq!(d.services, vec!["counter".to_string()]);
 
-    let ctx = RequestContext::internal(ConnId(1));
+    let ctx = plugin_api::host::internal_context(ConnId(1));
     let call = |v| {
         let ctx = ctx.clone();
         let rt = &rt;

@@ -14,10 +14,8 @@ use super::{message_class, signature};
 use crate::engine::{Harness, InputKind, Target};
 use crate::mutate;
 use gateway_core::{Catalog, Gateway, GatewayConfig, GatewayOptions, PluginEntry, StaticConfig};
-use plugin_api::{
-    ClientInfo, ConnId, ConnectionInfo, ErrorCode, NullTransport, Params, RequestContext, Role,
-    Scopes,
-};
+use plugin_api::host::NullTransport;
+use plugin_api::{ClientInfo, ConnId, ConnectionInfo, ErrorCode, Params, Role, Scopes};
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::value::RawValue;
@@ -222,7 +220,7 @@ impl Harness for BncrHarness {
         };
         // A handful of connections, so leases change hands.
         self.next_conn = (self.next_conn + 1) % 3;
-        let ctx = RequestContext::new(Arc::new(ConnectionInfo {
+        let ctx = plugin_api::host::request_context(Arc::new(ConnectionInfo {
             conn_id: ConnId(1 + self.next_conn),
             role: Role::Operator,
             scopes: Scopes::new(["operator.write"]),

@@ -13,7 +13,7 @@ use crate::mutate;
 use gateway_core::{
     BuildError, Catalog, Gateway, GatewayConfig, GatewayOptions, MANIFEST_FILE, StaticConfig,
 };
-use plugin_api::NullTransport;
+use plugin_api::host::NullTransport;
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};

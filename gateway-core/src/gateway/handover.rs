@@ -85,9 +85,10 @@ mod tests {
     use crate::gateway::{Gateway, GatewayOptions};
     use crate::loader::Catalog;
     use crate::scope::{CancelReason, Drained};
+    use plugin_api::host::NullTransport;
     use plugin_api::{
-        BoxFuture, Channel, ConnId, ErrorCode, NullTransport, OutboundMessage, Params, Plugin,
-        PluginFactory, Registrar, RequestContext, RpcError, SendReceipt,
+        BoxFuture, Channel, ConnId, ErrorCode, OutboundMessage, Params, Plugin, PluginFactory,
+        Registrar, RequestContext, RpcError, SendReceipt,
     };
     use serde_json::json;
     use std::sync::Arc;
@@ -141,7 +142,7 @@ mod tests {
                 json!({"channel": "hang", "to": "x", "message": "hi", "idempotencyKey": "k"});
             async move {
                 gw.dispatch(
-                    RequestContext::internal(ConnId(1)),
+                    plugin_api::host::internal_context(ConnId(1)),
                     "send",
                     Params::from_value(&params),
                 )

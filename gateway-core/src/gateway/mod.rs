@@ -30,7 +30,7 @@ use crate::policy::HostPolicy;
 use crate::report::{GatewayStats, RESTART_HISTORY_LEN, RestartRecord};
 use crate::scope::{BuildInputs, RestartScope, ScopeSlot, ShutdownReport};
 use arc_swap::ArcSwap;
-use plugin_api::EventTransport;
+use plugin_api::host::EventTransport;
 use restart::Coordinator;
 use std::collections::VecDeque;
 use std::fmt;

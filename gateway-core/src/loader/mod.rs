@@ -35,8 +35,9 @@ use crate::config::{ConfigError, GatewayConfig};
 use crate::policy::HostPolicy;
 use catalog::builtin_candidate;
 use hash::content_hash;
+use plugin_api::host::EventTransport;
 use plugin_api::host::LifeController;
-use plugin_api::{EventTransport, Plugin, PluginContext, PluginError, PluginFactory};
+use plugin_api::{Plugin, PluginContext, PluginError, PluginFactory};
 use plugin_config::{check_entries_known, is_enabled, plugin_config};
 use plugin_host::RuntimePlugin;
 use rustc_hash::FxHashMap;
@@ -131,7 +132,7 @@ pub struct LoadedPlugin {
     pub start_error: Option<String>,
     /// Fixes its event sink's events after `register`; kept by the host,
     /// never given to the plugin.
-    pub(crate) declarer: plugin_api::EventDeclarer,
+    pub(crate) declarer: plugin_api::host::EventDeclarer,
 }
 
 impl LoadedPlugin {

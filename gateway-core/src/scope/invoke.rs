@@ -6,7 +6,8 @@
 use super::{CancelReason, PHASE_RUNNING, PluginPhase, RestartScope};
 use crate::panic;
 use crate::registry::{MethodEntry, PluginIndex};
-use plugin_api::{Handler, MethodResult, Params, RequestContext, RpcError};
+use plugin_api::host::Handler;
+use plugin_api::{MethodResult, Params, RequestContext, RpcError};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::{error, warn};

@@ -525,7 +525,7 @@ async fn restart_history_is_bounded_newest_first_with_triggers_and_pending_setti
         catalog: gateway_core::Catalog::new().with(probe_factory("probe", probe)),
         config: source.clone(),
         state_dir: state.path().to_path_buf(),
-        transport: Arc::new(plugin_api::NullTransport),
+        transport: Arc::new(plugin_api::host::NullTransport),
     })
     .await
     .unwrap();

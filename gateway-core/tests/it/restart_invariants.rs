@@ -3,9 +3,7 @@
 
 use crate::common::*;
 use gateway_core::PluginPhase;
-use plugin_api::{
-    ClientInfo, ConnId, ConnectionInfo, ErrorCode, Params, RequestContext, Role, Scopes, scope,
-};
+use plugin_api::{ClientInfo, ConnId, ConnectionInfo, ErrorCode, Params, Role, Scopes, scope};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -496,7 +494,7 @@ async fn validate_and_status_change_nothing_that_dispatches() {
 async fn scopes_and_roles_are_enforced() {
     let h = harness(config_with(&[("probe", json!({}))]), vec![]).await;
     let ctx = |role, scopes: &[&str]| {
-        RequestContext::new(Arc::new(ConnectionInfo {
+        plugin_api::host::request_context(Arc::new(ConnectionInfo {
             conn_id: ConnId(9),
             role,
             scopes: Scopes::new(scopes.iter().copied()),

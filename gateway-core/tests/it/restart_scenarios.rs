@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use gateway_core::{Catalog, Gateway, GatewayOptions, MANIFEST_FILE, TomlFileConfig};
-use plugin_api::NullTransport;
+use plugin_api::host::NullTransport;
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -23,7 +23,7 @@
 //! - `notices`: the `gateway.generation` payload of the generation serving
 //!   now;
 //! - `table`: the authenticated connections and the
-//!   [`EventTransport`](plugin_api::EventTransport)
+//!   [`EventTransport`](plugin_api::host::EventTransport)
 //!   plugins send events through.
 
 mod notices;

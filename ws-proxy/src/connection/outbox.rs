@@ -1,7 +1,7 @@
 //! One connection's outbound queue and the receiving half the writer owns.
 
 use super::GENERATION_EVENT;
-use plugin_api::OutboundEvent;
+use plugin_api::host::OutboundEvent;
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,8 @@
 
 use super::Outbox;
 use dashmap::DashMap;
-use plugin_api::{ConnId, ConnectionInfo, EventTransport, OutboundEvent, Role};
+use plugin_api::host::{EventTransport, OutboundEvent};
+use plugin_api::{ConnId, ConnectionInfo, Role};
 use serde_json::value::RawValue;
 use std::sync::{Arc, OnceLock};
 use tracing::debug;

@@ -229,7 +229,7 @@ mod tests {
     use crate::connection::Outbox;
     use crate::connection::outbox::ITEM_OVERHEAD;
     use crate::connection::test_raw as raw;
-    use plugin_api::OutboundEvent;
+    use plugin_api::host::OutboundEvent;
     use std::pin::Pin;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -8,7 +8,7 @@ use crate::limits::{binary_frame_close, read_error_close};
 use crate::preauth::PreauthBudget;
 use futures::StreamExt;
 use gateway_core::frame::encode_response;
-use plugin_api::{ConnId, ConnectionInfo, Params, RequestContext, RpcError};
+use plugin_api::{ConnId, ConnectionInfo, Params, RpcError};
 use serde_json::json;
 use std::future::Future as _;
 use std::net::SocketAddr;
@@ -227,7 +227,7 @@ fn handle_request(
         .params
         .map(|p| Params::from_raw(p.to_owned()))
         .unwrap_or_default();
-    let ctx = RequestContext::new(info.clone());
+    let ctx = plugin_api::host::request_context(info.clone());
     let (shared, outbox, in_flight) = (shared.clone(), outbox.clone(), in_flight.clone());
     let tracker = shared.requests.clone();
     let answer = async move {

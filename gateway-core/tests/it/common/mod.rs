@@ -4,10 +4,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use gateway_core::{Catalog, Gateway, GatewayConfig, GatewayOptions, PluginEntry, StaticConfig};
+use plugin_api::host::NullTransport;
 use plugin_api::{
-    BoxFuture, ConnId, EventSink, MethodResult, NullTransport, Params, Plugin, PluginContext,
-    PluginError, PluginFactory, Registrar, RequestContext, ScopeHandle, ScopeLife, Service, Value,
-    scope,
+    BoxFuture, ConnId, EventSink, MethodResult, Params, Plugin, PluginContext, PluginError,
+    PluginFactory, Registrar, ScopeHandle, ScopeLife, Service, Value, scope,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -318,7 +318,7 @@ pub async fn harness(config: GatewayConfig, extra: Vec<PluginFactory>) -> Harnes
 /// Call `method` as an admin operator.
 pub async fn call(gw: &Gateway, method: &str, params: Value) -> MethodResult {
     gw.dispatch(
-        RequestContext::internal(ConnId(1)),
+        plugin_api::host::internal_context(ConnId(1)),
         method,
         Params::from_value(&params),
     )
