@@ -54,7 +54,7 @@ use crate::gateway::{Gateway, GatewayOptions};
 use crate::loader::{BuildError, Catalog};
 use crate::report::RestartOutcome;
 use crate::scope::ShutdownReport;
-use plugin_api::host::{EventTransport, OutboundEvent};
+use plugin_api::host::{EventTransport, OutboundEvent, ReceiverFilter};
 use plugin_api::{
     ClientInfo, ConnId, ConnectionInfo, MethodResult, Params, PluginFactory, Role, RpcError,
     Scopes, Value,
@@ -81,17 +81,36 @@ pub struct ReceivedEvent {
     pub payload: Value,
 }
 
+/// An open test connection as the transport sees it.
+struct Open {
+    info: Arc<ConnectionInfo>,
+    /// When it joined the table.
+    joined: tokio::time::Instant,
+    /// How much earlier than `joined` it counts as opened
+    /// ([`TestClient::backdate`]).
+    backdated: Duration,
+}
+
+impl Open {
+    fn open_for(&self, now: tokio::time::Instant) -> Duration {
+        now.saturating_duration_since(self.joined) + self.backdated
+    }
+}
+
 #[derive(Default)]
 struct Table {
     /// The open connections, by id.
-    open: BTreeMap<u64, Arc<ConnectionInfo>>,
+    open: BTreeMap<u64, Open>,
     /// Every delivery to any connection, in delivery order.
     log: Vec<(ConnId, ReceivedEvent)>,
 }
 
 /// In-memory connections: the [`EventTransport`] of a [`TestHost`]. Sends
 /// and broadcasts reach exactly the connections that are open and entitled
-/// (operators holding the required scope), and report real counts.
+/// (operators holding the required scope), and report real counts. How long
+/// a connection has been open ([`EventTransport::broadcast_where`]) is
+/// measured on tokio's clock from when it joined the table, so a test on
+/// paused time controls it exactly; [`TestClient::backdate`] adds to it.
 #[derive(Default)]
 pub struct TestTransport {
     table: Mutex<Table>,
@@ -150,7 +169,7 @@ impl EventTransport for TestTransport {
     }
 
     fn broadcast(&self, required_scope: &str, event: &OutboundEvent) -> usize {
-        self.broadcast_except(required_scope, &[], event)
+        self.broadcast_where(required_scope, &|_, _| true, event)
     }
 
     fn broadcast_except(
@@ -159,13 +178,25 @@ impl EventTransport for TestTransport {
         except: &[ConnId],
         event: &OutboundEvent,
     ) -> usize {
+        let filter = |info: &ConnectionInfo, _| !except.contains(&info.conn_id);
+        self.broadcast_where(required_scope, &filter, event)
+    }
+
+    fn broadcast_where(
+        &self,
+        required_scope: &str,
+        filter: ReceiverFilter<'_>,
+        event: &OutboundEvent,
+    ) -> usize {
+        let now = tokio::time::Instant::now();
         let reached = {
             let t = &mut *lock(&self.table);
             let mut reached = 0;
-            for info in t.open.values() {
+            for open in t.open.values() {
+                let info = &open.info;
                 if info.role == Role::Operator
                     && info.scopes.allows(required_scope)
-                    && !except.contains(&info.conn_id)
+                    && filter(info, open.open_for(now))
                 {
                     Self::record(&mut t.log, info.conn_id, event);
                     reached += 1;
@@ -295,6 +326,15 @@ impl TestHost {
     /// client said at `connect`). As in the real host, it joins the
     /// connection table, then the plugins' connection-opened hooks run.
     pub fn connect(&self, role: Role, scopes: &[&str], client: ClientInfo) -> TestClient {
+        self.begin_connect(role, scopes, client).finish()
+    }
+
+    /// The first half of [`TestHost::connect`]: the connection joins the
+    /// table (it can receive events and call methods) but the plugins'
+    /// connection-opened hooks have not run yet; [`Opening::finish`] runs
+    /// them. The real host has the same moment between the two, so a test
+    /// can hold a connection in it for as long as it needs.
+    pub fn begin_connect(&self, role: Role, scopes: &[&str], client: ClientInfo) -> Opening {
         let conn_id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
         let info = Arc::new(ConnectionInfo {
             conn_id,
@@ -302,13 +342,20 @@ impl TestHost {
             scopes: Scopes::new(scopes.iter().copied()),
             client,
         });
-        lock(&self.shared.transport.table)
-            .open
-            .insert(conn_id.0, info.clone());
-        self.gateway.connection_opened(&info);
-        TestClient {
-            shared: self.shared.clone(),
-            info,
+        lock(&self.shared.transport.table).open.insert(
+            conn_id.0,
+            Open {
+                info: info.clone(),
+                joined: tokio::time::Instant::now(),
+                backdated: Duration::ZERO,
+            },
+        );
+        Opening {
+            client: TestClient {
+                shared: self.shared.clone(),
+                info,
+            },
+            gateway: self.gateway.clone(),
         }
     }
 
@@ -385,6 +432,37 @@ impl TestHost {
     }
 }
 
+/// A connection that joined the table and whose connection-opened hooks
+/// have not run yet ([`TestHost::begin_connect`]).
+pub struct Opening {
+    client: TestClient,
+    gateway: Gateway,
+}
+
+impl fmt::Debug for Opening {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opening")
+            .field("conn_id", &self.client.info.conn_id)
+            .finish()
+    }
+}
+
+impl Opening {
+    /// The connection, usable already (it receives and may call).
+    pub fn client(&self) -> &TestClient {
+        &self.client
+    }
+
+    /// Run the plugins' connection-opened hooks (of the generation serving
+    /// now), as the real host does right after the table insert.
+    pub fn finish(self) -> TestClient {
+        if self.client.is_connected() {
+            self.gateway.connection_opened(&self.client.info);
+        }
+        self.client
+    }
+}
+
 /// One in-memory connection of a [`TestHost`]. It may outlive the host's
 /// shutdown or crash, and be moved into other tasks.
 pub struct TestClient {
@@ -410,6 +488,20 @@ impl TestClient {
     /// What the host knows about this connection.
     pub fn info(&self) -> &ConnectionInfo {
         &self.info
+    }
+
+    /// Count this connection as opened `by` earlier than it did: the
+    /// transport reports it open that much longer (to every
+    /// [`EventTransport::broadcast_where`] filter). Lets a test reach a rule
+    /// such as "open for at least the grace period" without waiting for it.
+    /// Adds up when called again.
+    pub fn backdate(&self, by: Duration) {
+        if let Some(open) = lock(&self.shared.transport.table)
+            .open
+            .get_mut(&self.info.conn_id.0)
+        {
+            open.backdated += by;
+        }
     }
 
     /// Whether the connection is still open.
@@ -726,6 +818,22 @@ mod tests {
                 Ok(json!({"conn": ctx.conn_id().0, "client": ctx.client().id, "role": ctx.role() == Role::Node}))
             });
             r.event("plugin.probe.note");
+            // To the operators open for at least `params` milliseconds.
+            let events = self.events.clone();
+            r.method("probe.elders")
+                .scope(scope::READ)
+                .sync(move |_, params| {
+                    let min = Duration::from_millis(params.parse::<u64>()?);
+                    let reached = events
+                        .broadcast_where(
+                            scope::READ,
+                            |_, open| open >= min,
+                            "plugin.probe.note",
+                            &0,
+                        )
+                        .unwrap_or(0);
+                    Ok(json!(reached))
+                });
             let events = self.events.clone();
             r.method("probe.note")
                 .scope(scope::WRITE)
@@ -846,6 +954,53 @@ mod tests {
         );
         let after = again.call("probe.whoami", json!({})).await.unwrap_err();
         assert_eq!(after.details.unwrap()["reason"], "gateway-closing");
+    }
+
+    /// Paused time: a connection's age is what the test advanced, plus
+    /// what it backdated, exactly.
+    #[tokio::test(start_paused = true)]
+    async fn broadcast_where_sees_each_connection_open_since_it_joined_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Probe::default());
+        let host = probe_host(dir.path(), &p).await;
+        let grace = Duration::from_secs(60);
+        let ms = Duration::from_millis(1);
+        let asker = host.connect_operator(&[scope::READ]);
+        let elders = || asker.call("probe.elders", json!(grace.as_millis() as u64));
+        // Open for grace-1ms, grace, grace+1ms: the last two are reached.
+        let young = host.connect_operator(&[scope::READ]);
+        let exact = host.connect_operator(&[scope::READ]);
+        let old = host.connect_operator(&[scope::READ]);
+        young.backdate(grace - ms * 2);
+        exact.backdate(grace - ms);
+        old.backdate(grace);
+        tokio::time::advance(ms).await;
+        assert_eq!(elders().await.unwrap(), 2);
+        let notes = |c: &TestClient| c.events_named("plugin.probe.note").len();
+        assert_eq!((notes(&young), notes(&exact), notes(&old)), (0, 1, 1));
+        // Time passes for every connection alike.
+        tokio::time::advance(ms).await;
+        assert_eq!(elders().await.unwrap(), 3);
+        assert_eq!(notes(&young), 1);
+        assert_eq!(notes(&asker), 0, "the asker is a minute younger");
+
+        // A connection in the moment between joining the table and the
+        // hooks: it receives, and its age counts from the table insert.
+        let opening = host.begin_connect(Role::Operator, &[scope::READ], ClientInfo::default());
+        assert_eq!(lock(&p.opened_reachable).len(), 4, "its hook has not run");
+        opening.client().backdate(grace);
+        assert_eq!(elders().await.unwrap(), 4);
+        assert_eq!(notes(opening.client()), 1);
+        let late = opening.finish();
+        assert_eq!(*lock(&p.opened_reachable), [true; 5]);
+        // A node or a connection without the scope is never asked about.
+        let node = host.connect(Role::Node, &[scope::READ], ClientInfo::default());
+        node.backdate(grace * 2);
+        assert_eq!(elders().await.unwrap(), 4);
+        assert!(node.events().is_empty());
+        late.disconnect();
+        assert_eq!(elders().await.unwrap(), 3);
+        host.shutdown().await;
     }
 
     #[tokio::test]

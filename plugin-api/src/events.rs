@@ -1,12 +1,18 @@
 //! Events from plugins to connections, without touching sockets.
 
-use crate::{ConnId, Retired, ScopeLife};
+use crate::{ConnId, ConnectionInfo, Retired, ScopeLife};
 use once_cell::sync::OnceCell;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Chooses receivers of [`EventSink::broadcast_where`]: given a
+/// connection's info and how long it has been open (since it joined the
+/// host's connection table), whether it receives the event.
+pub type ReceiverFilter<'a> = &'a dyn Fn(&ConnectionInfo, Duration) -> bool;
 
 /// One event, serialized once, ready to be framed per connection (the host
 /// adds `seq`).
@@ -50,6 +56,24 @@ pub trait EventTransport: Send + Sync + 'static {
         } else {
             0
         }
+    }
+
+    /// [`EventTransport::broadcast`] to the operators holding
+    /// `required_scope` for which `filter` answers `true`, asked with each
+    /// connection's info and how long it has been open: measured by the
+    /// host from the moment the connection joined its table, so it does not
+    /// depend on when (or whether) a plugin's connection-opened hook ran.
+    /// Returns how many connections it was queued for. The default cannot
+    /// ask: it sends to none, so a count it returns is never an
+    /// overstatement.
+    fn broadcast_where(
+        &self,
+        required_scope: &str,
+        filter: ReceiverFilter<'_>,
+        event: &OutboundEvent,
+    ) -> usize {
+        let _ = (required_scope, filter, event);
+        0
     }
 
     /// How many client connections are open (for `status`).
@@ -239,6 +263,24 @@ impl EventSink {
         Ok(self.transport.broadcast_except(required_scope, except, &ev))
     }
 
+    /// [`EventSink::broadcast`] to every operator holding `required_scope`
+    /// for which `filter(info, open_for)` is true, `open_for` being how long
+    /// the connection has been open (see
+    /// [`EventTransport::broadcast_where`]); returns how many connections it
+    /// was queued for. For example, to leave out connections younger than a
+    /// grace period, whenever the plugin heard of them:
+    /// `sink.broadcast_where(scope::WRITE, |_, open| open >= grace, ..)`.
+    pub fn broadcast_where(
+        &self,
+        required_scope: &str,
+        filter: impl Fn(&ConnectionInfo, Duration) -> bool,
+        event: &str,
+        payload: &impl Serialize,
+    ) -> Result<usize, EventError> {
+        let ev = self.prepare(event, payload)?;
+        Ok(self.transport.broadcast_where(required_scope, &filter, &ev))
+    }
+
     /// Whether `conn` is open now (see [`EventTransport::is_connected`]).
     pub fn is_connected(&self, conn: ConnId) -> bool {
         self.transport.is_connected(conn)
@@ -320,6 +362,26 @@ mod tests {
         // A transport that cannot exclude sends to nobody and says so.
         assert_eq!(b(&[ConnId(3)]), 0);
         assert_eq!(rec.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn default_broadcast_where_sends_to_none_and_says_so() {
+        let (life, _ctl) = ScopeLife::new(1);
+        let rec = Arc::new(Recorder::default());
+        let (sink, declarer) = crate::host::event_sink("demo", life, rec.clone());
+        declarer.declare(["plugin.demo.ping".to_string()]);
+        // Even a filter that takes everyone: a transport that cannot ask
+        // it reaches nobody, and the count says so.
+        let n = sink
+            .broadcast_where("operator.write", |_, _| true, "plugin.demo.ping", &1)
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(rec.0.lock().unwrap().is_empty());
+        // An undeclared event is refused as by every other route.
+        assert_eq!(
+            sink.broadcast_where("operator.write", |_, _| true, "plugin.demo.other", &1),
+            Err(EventError::Undeclared("plugin.demo.other".into()))
+        );
     }
 }
 

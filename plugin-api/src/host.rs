@@ -12,7 +12,9 @@
 //! gateway's connections, and a generation of its own, not the one it runs
 //! in.
 
-pub use crate::events::{EventDeclarer, EventTransport, NullTransport, OutboundEvent};
+pub use crate::events::{
+    EventDeclarer, EventTransport, NullTransport, OutboundEvent, ReceiverFilter,
+};
 pub use crate::life::LifeController;
 pub use crate::registrar::{AsyncHandler, Declarations, Handler, MethodSpec, SyncHandler};
 use crate::{ClientInfo, ConnId, ConnectionInfo, EventSink, Registrar, RequestContext, ScopeLife};

@@ -3,7 +3,7 @@
 
 use super::Outbox;
 use dashmap::DashMap;
-use plugin_api::host::{EventTransport, OutboundEvent};
+use plugin_api::host::{EventTransport, OutboundEvent, ReceiverFilter};
 use plugin_api::{ConnId, ConnectionInfo, Role};
 use serde_json::value::RawValue;
 use std::sync::{Arc, OnceLock};
@@ -16,6 +16,9 @@ pub(crate) struct Connection {
     pub(crate) outbox: Arc<Outbox>,
     /// When it joined the table (unix ms).
     pub(crate) connected_at_ms: u64,
+    /// When it joined the table, on the monotonic clock: how long it has
+    /// been open, for [`EventTransport::broadcast_where`].
+    joined: tokio::time::Instant,
 }
 
 /// A connection as `system-presence` shows it.
@@ -86,6 +89,7 @@ impl ConnectionTable {
                 info,
                 outbox,
                 connected_at_ms,
+                joined: tokio::time::Instant::now(),
             },
         );
     }
@@ -173,6 +177,24 @@ impl EventTransport for ConnectionTable {
             .iter()
             .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
             .filter(|c| !except.contains(&c.info.conn_id))
+            .filter(|c| c.outbox.plugin_event(event))
+            .count()
+    }
+
+    fn broadcast_where(
+        &self,
+        required_scope: &str,
+        filter: ReceiverFilter<'_>,
+        event: &OutboundEvent,
+    ) -> usize {
+        if !self.deliverable(event) {
+            return 0;
+        }
+        let now = tokio::time::Instant::now();
+        self.conns
+            .iter()
+            .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
+            .filter(|c| filter(&c.info, now.saturating_duration_since(c.joined)))
             .filter(|c| c.outbox.plugin_event(event))
             .count()
     }
@@ -282,5 +304,72 @@ mod tests {
         assert_eq!(table.connection_count(), 3);
         table.remove(ConnId(1));
         assert_eq!(table.connection_count(), 2);
+    }
+
+    /// Paused time: each connection's age is exactly what the test
+    /// advanced, so the limit is hit to the millisecond.
+    #[tokio::test(start_paused = true)]
+    async fn broadcast_where_sees_how_long_each_connection_has_been_open() {
+        use std::time::Duration;
+        let grace = Duration::from_millis(1000);
+        let ms = Duration::from_millis(1);
+        let table = ConnectionTable::default();
+        // Joined at 0, 1 and 2 ms: at 1001 ms they are open for grace+1ms,
+        // grace and grace-1ms.
+        let mut older = conn(&table, 1, Role::Operator, &["operator.write"]);
+        tokio::time::advance(ms).await;
+        let mut exact = conn(&table, 2, Role::Operator, &["operator.write"]);
+        tokio::time::advance(ms).await;
+        let mut younger = conn(&table, 3, Role::Operator, &["operator.write"]);
+        // Not entitled, however old: a reader, a node.
+        let mut read = conn(&table, 4, Role::Operator, &["operator.read"]);
+        let mut node = conn(&table, 5, Role::Node, &["operator.write"]);
+        tokio::time::advance(grace - ms).await;
+        let seen = std::sync::Mutex::new(Vec::new());
+        let filter = |info: &ConnectionInfo, open: Duration| {
+            seen.lock().unwrap().push((info.conn_id.0, open));
+            open >= grace
+        };
+        assert_eq!(
+            table.broadcast_where("operator.write", &filter, &event()),
+            2
+        );
+        let mut asked = seen.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(
+            asked,
+            [(1, grace + ms), (2, grace), (3, grace - ms)],
+            "asked about the entitled connections only, with their ages"
+        );
+        assert!(older.try_recv().is_some() && exact.try_recv().is_some());
+        assert!(younger.try_recv().is_none());
+        assert!(read.try_recv().is_none() && node.try_recv().is_none());
+        // One millisecond later the youngest is past its grace too (5N:
+        // every connection of a bigger table is asked).
+        tokio::time::advance(ms).await;
+        assert_eq!(
+            table.broadcast_where("operator.write", &filter, &event()),
+            3
+        );
+        for id in 10..30 {
+            let _rx = conn(&table, id, Role::Operator, &["operator.write"]);
+        }
+        seen.lock().unwrap().clear();
+        assert_eq!(
+            table.broadcast_where("operator.write", &filter, &event()),
+            3
+        );
+        assert_eq!(seen.lock().unwrap().len(), 23);
+        // An event of a generation that is not serving reaches nobody and
+        // asks nothing.
+        let table = ConnectionTable::default();
+        table.follow_generations(|| 1);
+        let _rx = conn(&table, 1, Role::Operator, &["operator.write"]);
+        seen.lock().unwrap().clear();
+        assert_eq!(
+            table.broadcast_where("operator.write", &filter, &event_of(2)),
+            0
+        );
+        assert!(seen.lock().unwrap().is_empty());
     }
 }
