@@ -87,10 +87,10 @@ pub struct Config {
     pub file_min_chunk_bytes: u64,
     /// Most chunks one client-to-gateway transfer may have.
     pub file_max_chunks: u64,
-    /// A newly opened connection counts as an operator for inbound
-    /// hand-on only after this long, so a Bncr client has time to make
-    /// itself known (by calling `bncr.connect`) before it could be taken
-    /// for an operator.
+    /// A connection counts as an operator for inbound hand-on only once
+    /// the host has had it open this long (across restarts), so a Bncr
+    /// client has time to make itself known (by calling `bncr.connect`)
+    /// before it could be taken for an operator.
     pub inbound_grace_ms: u64,
     /// How often inbound messages no operator has received yet are offered
     /// again (besides whenever an operator connects).

@@ -154,11 +154,7 @@ impl Bridge {
     /// Remember that `conn` is a Bncr client: it is never counted as an
     /// operator that received an inbound message.
     pub(crate) fn client_seen(&self, conn: ConnId) {
-        let new = {
-            let mut st = self.state();
-            st.opened.remove(&conn);
-            st.clients.insert(conn)
-        };
+        let new = self.state().clients.insert(conn);
         if new && let Ok(store) = self.store() {
             store.enqueue("client connection", move |c| {
                 store::put_client_conn(c, conn.0, true)
@@ -166,9 +162,11 @@ impl Bridge {
         }
     }
 
-    /// The host's connection-opened hook. An operator-capable connection
-    /// gets `inboundGraceMs` to show it is a Bncr client before pending
-    /// inbound messages are offered to it.
+    /// The host's connection-opened hook: wake the inbound loop when the
+    /// new connection's grace ends, since it may be an operator from then
+    /// on. (Whether it is one is decided at each offer, from how long the
+    /// host has had it open: this hook may run after an offer already saw
+    /// the connection, or in an earlier generation.)
     pub(crate) fn connection_opened(&self, info: &ConnectionInfo) {
         if info.role != Role::Operator || !info.scopes.allows(scope::WRITE) {
             return;
@@ -177,7 +175,7 @@ impl Bridge {
         let pending = {
             let mut st = self.state();
             if !st.clients.contains(&info.conn_id) {
-                st.opened.insert(info.conn_id, until);
+                st.grace_ends.insert(until);
             }
             !st.inbound.is_empty()
         };
@@ -186,13 +184,15 @@ impl Bridge {
         }
     }
 
-    /// Connections that do not count as operators now: Bncr clients and
-    /// connections still in their grace. Drops graces that ended.
-    fn not_operators(&self) -> Vec<ConnId> {
-        let now = Instant::now();
-        let mut st = self.state();
-        st.opened.retain(|_, until| *until > now);
-        st.clients.iter().chain(st.opened.keys()).copied().collect()
+    /// Who counts as an operator now, asked by the host of each connection
+    /// holding `operator.write`: not a known Bncr client, and open for at
+    /// least `inboundGraceMs` (measured by the host from when the
+    /// connection joined its table, so neither a late opened hook nor a
+    /// restart shortens the grace).
+    fn is_operator(&self) -> impl Fn(&ConnectionInfo, Duration) -> bool + use<> {
+        let clients = self.state().clients.clone();
+        let grace = Duration::from_millis(self.cfg.inbound_grace_ms);
+        move |info, open_for| open_for >= grace && !clients.contains(&info.conn_id)
     }
 
     /// Offer pending inbound messages to operators, oldest first, until one
@@ -205,10 +205,9 @@ impl Bridge {
             let Some((key, payload)) = self.state().inbound.front().cloned() else {
                 return;
             };
-            let except = self.not_operators();
-            let received = match self.events.broadcast_except(
+            let received = match self.events.broadcast_where(
                 scope::WRITE,
-                &except,
+                self.is_operator(),
                 INBOUND_EVENT,
                 &payload,
             ) {
@@ -308,8 +307,8 @@ impl Bridge {
             let until = {
                 let now = Instant::now();
                 let mut st = self.state();
-                st.opened.retain(|_, until| *until > now);
-                let grace_end = st.opened.values().min().copied();
+                st.grace_ends.retain(|end| *end > now);
+                let grace_end = st.grace_ends.first().copied();
                 let retry = now + Duration::from_millis(self.cfg.inbound_retry_ms);
                 (!st.inbound.is_empty()).then(|| grace_end.map_or(retry, |g| g.min(retry)))
             };

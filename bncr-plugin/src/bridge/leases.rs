@@ -68,7 +68,6 @@ impl Bridge {
                     store::put_client_conn(c, conn.0, false)
                 });
             }
-            st.opened.remove(&conn);
             let now = Instant::now();
             for (name, acc) in st.accounts.iter_mut() {
                 acc.conns.remove(&conn);

@@ -95,9 +95,12 @@ pub(crate) struct State {
     /// Connections known to be Bncr clients (they called a client method):
     /// never counted as operators.
     clients: HashSet<ConnId>,
-    /// Operator-capable connections opened less than `inboundGraceMs` ago,
-    /// with their grace's end: not counted as operators yet.
-    opened: HashMap<ConnId, Instant>,
+    /// When the graces of connections this generation heard of end (and
+    /// of every connection open when it started): when the inbound loop
+    /// wakes to offer pending messages again. Who is past its grace is
+    /// the host's answer ([`plugin_api::EventSink::broadcast_where`]), not
+    /// this.
+    grace_ends: BTreeSet<Instant>,
     /// What the limits refused or expired, for `bncr.diagnostics`.
     pub(crate) counters: Counters,
 }
@@ -339,6 +342,11 @@ impl Bridge {
             return Err("bncr store already opened in this generation".into());
         }
         let now = Instant::now();
+        // Connections open before this generation started (it never saw
+        // them open) are past their grace by this time at the latest.
+        self.state()
+            .grace_ends
+            .insert(now + Duration::from_millis(self.cfg.inbound_grace_ms));
         let pending_inbound = restored.inbound_pending.len();
         let mut store_for_cleanup: Option<Vec<u64>> = None;
         let (outbox_n, dead_n, lease_n) = {

@@ -4,13 +4,14 @@
 //!
 //! "Received" means: the `chat.inbound` event was queued on at least one
 //! authenticated operator connection holding `operator.write` that is not a
-//! Bncr client (a connection that called a Bncr client method) and is past
-//! its `inboundGraceMs` since opening in this generation (a connection open
-//! before the generation started has no grace).
+//! Bncr client (a connection that called a Bncr client method) and has been
+//! open for at least `inboundGraceMs`, counted from when it joined the
+//! host's connection table: whether or not its connection-opened hook ran
+//! yet, and in whichever generation it opened.
 
 use crate::common::{
-    WAIT, bncr_client, diag, journaled_handed_on, ok, operator, payloads, start, state_dir,
-    until_counter, until_journaled_handed_on, wait_for,
+    WAIT, bncr_client, bncr_client_opening, diag, journaled_handed_on, ok, operator, payloads,
+    start, state_dir, until_counter, until_journaled_handed_on, wait_for,
 };
 use gateway_core::testing::TestClient;
 use plugin_api::scope;
@@ -165,17 +166,97 @@ async fn a_bncr_client_reconnecting_within_its_grace_is_not_taken_for_an_operato
     ok(&second, "bncr.connect", json!({})).await;
     offers_pass(&bncr, 2).await;
     assert!(host.events_named("chat.inbound").is_empty());
-    // From the next generation on, the operator was connected before it (no
-    // grace) and gets the message; the two Bncr clients still do not.
+    // A restart does not end anyone's grace: the operator opened less than
+    // a minute ago in either generation.
     host.restart().await.unwrap();
+    offers_pass(&bncr, 2).await;
+    assert!(host.events_named("chat.inbound").is_empty());
+    // Once it has been open for the grace, it gets the message; the two
+    // Bncr clients, however long they are open, never do.
+    for c in [&bncr, &second, &op] {
+        c.backdate(GRACE);
+    }
     wait_for(&host, "hand-on", || {
         !host.events_named("chat.inbound").is_empty()
     })
     .await;
+    until_journaled_handed_on(dir.path(), &["g-1"]).await;
+    host.shutdown().await;
     assert_eq!(received(&op), ["g-1"]);
     assert!(received(&second).is_empty());
     assert_eq!(host.events_named("chat.inbound").len(), 1);
+}
+
+/// The grace of the tests below: far longer than any of them runs, so a
+/// connection reaches it only when the test backdates it.
+const GRACE: Duration = Duration::from_millis(60_000);
+
+fn long_grace() -> Value {
+    json!({"inboundGraceMs": GRACE.as_millis() as u64, "inboundRetryMs": 20})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bncr_client_whose_opened_hook_has_not_run_yet_is_not_offered_pending_inbound() {
+    let dir = state_dir();
+    let host = start(dir.path(), long_grace()).await;
+    let bncr = bncr_client(&host);
+    ok(&bncr, "bncr.connect", json!({})).await;
+    ok(&bncr, "bncr.inbound", inbound("w-1")).await;
+    // A Bncr client reconnecting: it joined the table, and the bridge has
+    // not heard of it (its hook has not run). Offers made meanwhile skip
+    // it: it has not been open for the grace.
+    let opening = bncr_client_opening(&host);
+    offers_pass(&bncr, 3).await;
+    assert!(received(opening.client()).is_empty());
+    let second = opening.finish();
+    offers_pass(&bncr, 2).await;
+    ok(&second, "bncr.connect", json!({})).await;
+    offers_pass(&bncr, 2).await;
+    // An operator open for a moment less than the grace: nothing yet.
+    let op = operator(&host);
+    op.backdate(GRACE - Duration::from_secs(1));
+    offers_pass(&bncr, 2).await;
+    assert!(host.events_named("chat.inbound").is_empty());
+    // Open for the grace: it receives the message, once.
+    op.backdate(Duration::from_secs(1));
+    wait_for(&host, "hand-on", || received(&op).len() == 1).await;
+    until_journaled_handed_on(dir.path(), &["w-1"]).await;
+    host.restart().await.unwrap();
+    assert_eq!(diag(&bncr).await["inboundPending"], 0);
     host.shutdown().await;
+    assert_eq!(received(&op), ["w-1"]);
+    assert_eq!(host.events_named("chat.inbound").len(), 1, "to nobody else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bncr_client_in_its_grace_across_a_restart_is_not_offered_pending_inbound() {
+    let dir = state_dir();
+    let host = start(dir.path(), long_grace()).await;
+    let bncr = bncr_client(&host);
+    ok(&bncr, "bncr.connect", json!({})).await;
+    // Opened (its hook ran in generation 1), not identified yet.
+    let second = bncr_client(&host);
+    ok(&bncr, "bncr.inbound", inbound("r-1")).await;
+    offers_pass(&bncr, 2).await;
+    // Generation 2 never saw `second` open; it is still in its grace.
+    host.restart().await.unwrap();
+    offers_pass(&bncr, 3).await;
+    assert!(host.events_named("chat.inbound").is_empty());
+    ok(&second, "bncr.connect", json!({})).await;
+    host.restart().await.unwrap();
+    // An operator open for the grace gets it exactly once; the clients,
+    // open as long, never.
+    let op = operator(&host);
+    for c in [&bncr, &second, &op] {
+        c.backdate(GRACE);
+    }
+    wait_for(&host, "hand-on", || received(&op).len() == 1).await;
+    until_journaled_handed_on(dir.path(), &["r-1"]).await;
+    host.restart().await.unwrap();
+    assert_eq!(diag(&bncr).await["inboundPending"], 0);
+    host.shutdown().await;
+    assert_eq!(received(&op), ["r-1"]);
+    assert_eq!(host.events_named("chat.inbound").len(), 1, "to nobody else");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

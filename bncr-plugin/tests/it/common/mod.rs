@@ -11,7 +11,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use gateway_core::testing::{TestClient, TestHost};
+use gateway_core::testing::{Opening, TestClient, TestHost};
 use plugin_api::{ClientInfo, Role, RpcError, scope};
 use serde_json::Value;
 use std::path::Path;
@@ -39,17 +39,28 @@ pub async fn start(dir: &Path, config: Value) -> TestHost {
         .expect("the gateway starts")
 }
 
-/// A Bncr client's connection, identified as the real client identifies
-/// itself at `connect`.
-pub fn bncr_client(host: &TestHost) -> TestClient {
-    let client = ClientInfo {
+/// What the real Bncr client says about itself at `connect`.
+pub fn bncr_identity() -> ClientInfo {
+    ClientInfo {
         id: "bncr".into(),
         version: "1.0.0".into(),
         platform: "node".into(),
         mode: "backend".into(),
         ..ClientInfo::default()
-    };
-    host.connect(Role::Operator, &[scope::WRITE], client)
+    }
+}
+
+/// A Bncr client's connection, identified as the real client identifies
+/// itself at `connect`.
+pub fn bncr_client(host: &TestHost) -> TestClient {
+    host.connect(Role::Operator, &[scope::WRITE], bncr_identity())
+}
+
+/// A Bncr client's connection that joined the host's table but whose
+/// connection-opened hooks have not run yet (the real host's moment
+/// between the two, held open by the test).
+pub fn bncr_client_opening(host: &TestHost) -> Opening {
+    host.begin_connect(Role::Operator, &[scope::WRITE], bncr_identity())
 }
 
 /// A chat operator's connection (`operator.write`).
