@@ -199,9 +199,14 @@ impl Bridge {
     /// reaches nobody (the later ones would reach nobody either). A message
     /// is handed on, and never offered again, once at least one operator
     /// connection received it (or the echo responder queued its reply).
+    /// Ends at the next message once the bridge stops: a message delivered
+    /// is journaled before the store closes (see [`Bridge::stop`]).
     pub(super) async fn hand_on_pending(&self) {
         let _one_pass = self.hand_on_lock.lock().await;
         loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
             let Some((key, payload)) = self.state().inbound.front().cloned() else {
                 return;
             };

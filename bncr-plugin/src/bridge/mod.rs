@@ -26,6 +26,8 @@ mod leases;
 mod outbox;
 mod queue;
 mod route;
+#[cfg(test)]
+mod tests;
 
 use queue::{AckOutcome, Pending, Queue};
 pub(crate) use route::{Route, inbound_route};
@@ -34,6 +36,10 @@ pub(crate) use route::{Route, inbound_route};
 pub(crate) const PUSH_EVENT: &str = "plugin.bncr.push";
 /// The operator event for accepted inbound messages.
 pub(crate) const INBOUND_EVENT: &str = "chat.inbound";
+
+/// How long a stop waits for the drain loop, and then for a hand-on pass in
+/// progress, before closing the store anyway.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 /// The bridge protocol version reported by `bncr.connect`.
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
 /// The canonical name of the default account.
@@ -440,7 +446,8 @@ impl Bridge {
         Ok(())
     }
 
-    /// Stop the drain, fail waiters as timeouts, close the store.
+    /// Stop the drain and the inbound hand-on, fail waiters as timeouts,
+    /// close the store.
     pub(crate) async fn stop(self: &Arc<Self>) {
         self.stop.cancel();
         let done = self
@@ -449,7 +456,19 @@ impl Bridge {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(rx) = done {
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            let _ = tokio::time::timeout(STOP_WAIT, rx).await;
+        }
+        // A hand-on pass journals each message it delivered; closing the
+        // store under it would leave a delivered message unmarked, and the
+        // next generation would offer it again to the same connections.
+        // The pass ends at its next message once `stop` is cancelled; held
+        // until the store is closed, so no pass starts after this.
+        let pass = tokio::time::timeout(STOP_WAIT, self.hand_on_lock.lock()).await;
+        if pass.is_err() {
+            tracing::warn!(
+                wait_ms = STOP_WAIT.as_millis() as u64,
+                "bncr hand-on pass still running at stop; closing the store under it (its current message may be offered again)"
+            );
         }
         let (waiters, transfers, pending, dead) = {
             let mut st = self.state();
@@ -482,5 +501,6 @@ impl Bridge {
             store = ?store,
             "bncr store closed"
         );
+        drop(pass);
     }
 }

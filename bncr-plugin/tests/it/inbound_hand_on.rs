@@ -283,3 +283,48 @@ async fn the_echo_responder_counts_as_a_receiver() {
     );
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_connection() {
+    let dir = state_dir();
+    // No grace, and no timed retries: only the operator's arrival starts
+    // the pass below.
+    let host = start(
+        dir.path(),
+        json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000}),
+    )
+    .await;
+    let bncr = bncr_client(&host);
+    ok(&bncr, "bncr.connect", json!({})).await;
+    for id in ["s-1", "s-2"] {
+        ok(&bncr, "bncr.inbound", inbound(id)).await;
+    }
+    until_counter(&bncr, "inboundUnreceivedOffers", 1).await;
+    // Another process holds the database's write lock: the pass delivers
+    // s-1, then waits for its journal write.
+    let db = rusqlite::Connection::open(dir.path().join("bncr/bncr.sqlite3")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let op = operator(&host);
+    wait_for(&host, "s-1 delivered", || received(&op) == ["s-1"]).await;
+    // The restart comes while the pass waits. A stop that does not wait
+    // for the pass closes the store within this time; one that waits does
+    // not, and the outcome does not depend on how long this is. (Well
+    // below the store's 5 s busy timeout.)
+    let restart = host.restart();
+    tokio::pin!(restart);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut restart)
+            .await
+            .is_err(),
+        "the restart waits for the pass, which waits for the lock"
+    );
+    drop(db);
+    restart.await.unwrap();
+    // Generation 2 offers s-2, which generation 1 did not hand on.
+    wait_for(&host, "s-2 delivered", || received(&op).len() >= 2).await;
+    until_journaled_handed_on(dir.path(), &["s-1", "s-2"]).await;
+    host.restart().await.unwrap();
+    assert_eq!(diag(&bncr).await["inboundPending"], 0);
+    host.shutdown().await;
+    assert_eq!(received(&op), ["s-1", "s-2"], "each once, in order");
+}
