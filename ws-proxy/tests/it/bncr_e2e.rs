@@ -913,6 +913,45 @@ async fn inbound_waits_for_an_operator_and_arrives_once_across_restarts() {
     );
 }
 
+/// A Bncr client that connected shortly before a SIGUSR1 and has not
+/// called `bncr.connect` yet is still in its `inboundGraceMs` in the new
+/// generation, which never saw it open: its own pending message is not
+/// offered to it, however often the bridge offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bncr_client_in_its_grace_across_sigusr1_is_not_handed_pending_inbound() {
+    let cfg = "inboundGraceMs = 60000\ninboundRetryMs = 20\n";
+    let p = gateway(cfg).await;
+    let (mut a, _) = Bncr::join(&p.url(), None).await;
+    assert_eq!(a.inbound("42", "g-1", "hello").await["accepted"], true);
+    // Handshaken, holding operator.write, not identified yet.
+    let mut b = operator(&p.url()).await;
+    p.signal(Signal::SIGUSR1);
+    b.event("gateway.generation").await;
+    // The new generation offers the message again and again (every 20 ms);
+    // each offer reaches nobody. Read through `b`: diagnostics is not a
+    // client method, so it does not identify `b`.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let d = loop {
+        let res = b.call("bncr.diagnostics", json!({})).await;
+        if res["ok"] == true {
+            let d = res["payload"].clone();
+            if d["generation"] == 2 && d["counters"]["inboundUnreceivedOffers"].as_u64() >= Some(3)
+                || d["inboundPending"] == 0
+            {
+                break d;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no offers in generation 2: {res}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(d["inboundPending"], 1, "handed on to someone: {d}");
+    assert!(no_inbound_buffered(&b), "{:?}", b.events);
+    assert!(no_inbound_buffered(&a.c), "{:?}", a.c.events);
+}
+
 /// Store writes failing (here: the database refuses inserts into the
 /// outbox, as a full or read-only disk would): `health` and `/readyz` say
 /// so with the reason instead of claiming health while every `send` fails,
