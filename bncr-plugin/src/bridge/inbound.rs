@@ -171,9 +171,14 @@ impl Bridge {
         if info.role != Role::Operator || !info.scopes.allows(scope::WRITE) {
             return;
         }
-        let until = Instant::now() + Duration::from_millis(self.cfg.inbound_grace_ms);
+        let now = Instant::now();
+        let until = now + Duration::from_millis(self.cfg.inbound_grace_ms);
         let pending = {
             let mut st = self.state();
+            // Graces that ended are dropped here too, not only by the loop
+            // (which sleeps while nothing is pending): the set holds at
+            // most the connections opened within one grace.
+            st.grace_ends = st.grace_ends.split_off(&now);
             if !st.clients.contains(&info.conn_id) {
                 st.grace_ends.insert(until);
             }

@@ -77,20 +77,59 @@ fn info(id: u64) -> ConnectionInfo {
     }
 }
 
+/// Generation `generation`'s bridge on `root`, not started.
+fn bridge(
+    generation: u64,
+    root: &Path,
+    transport: &Arc<Operators>,
+    config: Value,
+) -> (Arc<Bridge>, plugin_api::host::LifeController) {
+    let (life, ctl) = plugin_api::host::scope_life(generation);
+    let (events, declarer) =
+        plugin_api::host::event_sink(crate::PLUGIN_ID, life.clone(), transport.clone());
+    declarer.declare(crate::EVENTS.iter().map(|e| e.to_string()));
+    let cfg = Config::from_value(&config).unwrap();
+    let bridge = Arc::new(Bridge::new(cfg, root.to_path_buf(), events, life, "test"));
+    (bridge, ctl)
+}
+
 /// Generation `generation`'s bridge on `root`, started.
 async fn started(
     generation: u64,
     root: &Path,
     transport: &Arc<Operators>,
 ) -> (Arc<Bridge>, plugin_api::host::LifeController) {
-    let (life, ctl) = plugin_api::host::scope_life(generation);
-    let (events, declarer) =
-        plugin_api::host::event_sink(crate::PLUGIN_ID, life.clone(), transport.clone());
-    declarer.declare(crate::EVENTS.iter().map(|e| e.to_string()));
-    let cfg = Config::from_value(&json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000})).unwrap();
-    let bridge = Arc::new(Bridge::new(cfg, root.to_path_buf(), events, life, "test"));
+    let config = json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000});
+    let (bridge, ctl) = bridge(generation, root, transport, config);
     bridge.start().await.unwrap();
     (bridge, ctl)
+}
+
+/// The wake-up times the opened hook keeps stay bounded by the connections
+/// opened within one grace, with or without anything pending (when the
+/// inbound loop, which also drops them, sleeps).
+#[test]
+fn grace_wake_ups_are_kept_only_for_graces_not_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = Arc::new(Operators::default());
+    let (short, _ctl) = bridge(1, dir.path(), &ops, json!({"inboundGraceMs": 0}));
+    let (long, _ctl2) = bridge(1, dir.path(), &ops, json!({"inboundGraceMs": 60_000}));
+    for id in 1..=1000 {
+        short.connection_opened(&info(id));
+        long.connection_opened(&info(id));
+    }
+    assert!(
+        short.state().grace_ends.len() <= 1,
+        "ended graces are dropped"
+    );
+    // Graces not ended are kept: one wake-up per distinct end (opens a
+    // nanosecond-resolution clock cannot tell apart would share one).
+    let kept = long.state().grace_ends.len();
+    assert!(kept > 500, "graces not ended are kept: {kept}");
+    // Known Bncr clients need no wake-up.
+    long.client_seen(ConnId(5000));
+    long.connection_opened(&info(5000));
+    assert_eq!(long.state().grace_ends.len(), kept);
 }
 
 /// Poll `cond` every millisecond, at most 10 s.
