@@ -302,6 +302,18 @@ mod tests {
         (rec, outbox)
     }
 
+    /// Wait until the writer wrote `n` messages; a writer that stops short
+    /// fails the test instead of hanging it.
+    async fn until_len(rec: &Recorder, n: usize) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while rec.len() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the writer wrote {} of {n} messages", rec.len());
+    }
+
     #[tokio::test]
     async fn every_frame_of_a_burst_is_written_in_order_at_batch_edges() {
         for n in [
@@ -388,9 +400,7 @@ mod tests {
                 assert!(outbox.frame(format!("r{round}-{i}")), "round {round}");
             }
             expected += 150;
-            while rec.len() < expected {
-                tokio::task::yield_now().await;
-            }
+            until_len(&rec, expected).await;
             assert_eq!(outbox.buffered.load(Ordering::Acquire), 0, "round {round}");
             assert!(
                 outbox.event_if_idle("tick".into(), raw("{}")),
@@ -492,17 +502,13 @@ mod tests {
         // Generation 2: a response first.
         outbox.response(r#"{"type":"res","id":"r2"}"#.into(), 2);
         outbox.plugin_event(&plugin_event("p.2", 2));
-        while rec.len() < 3 {
-            tokio::task::yield_now().await;
-        }
+        until_len(&rec, 3).await;
         // Generation 3: an event first.
         serving.store(3, Ordering::SeqCst);
         outbox.plugin_event(&plugin_event("p.3", 3));
         outbox.response(r#"{"type":"res","id":"r3"}"#.into(), 3);
         outbox.plugin_event(&plugin_event("p.2late", 2));
-        while rec.len() < 7 {
-            tokio::task::yield_now().await;
-        }
+        until_len(&rec, 7).await;
         // Generation 4 serves already when an event of 3 the connection was
         // told of and one of 4 arrive: one notice, naming 4.
         serving.store(4, Ordering::SeqCst);
