@@ -30,6 +30,19 @@ pub struct GatewayConfig {
     pub origin: Option<ConfigOrigin>,
 }
 
+impl GatewayConfig {
+    /// The rules parsing cannot express: positive deadlines, timeouts and
+    /// caps, and plugin environments a process can hold. Run on every
+    /// config as soon as it is read, before any plugin process is started
+    /// with it, so a bad value fails a start, restart or validation with an
+    /// error naming the field and runs nothing under it.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let origin = self.origin.as_ref();
+        self.requests.check(origin)?;
+        self.plugins.check(origin)
+    }
+}
+
 /// The file a config came from and its text, to point errors at lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigOrigin {
@@ -68,9 +81,9 @@ pub struct PluginsConfig {
 impl PluginsConfig {
     /// Process timeouts and the in-flight cap must be positive (zero would
     /// make every call time out or busy), and an entry's `env` cannot set
-    /// what the host tells every plugin process ([`plugin_host::HOST_ENV`])
-    /// or a name a process environment cannot hold.
-    pub(crate) fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
+    /// what the host tells every plugin process ([`plugin_host::HOST_ENV`]),
+    /// a name a process environment cannot hold, or a value holding NUL.
+    fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
         let positive = [
             ("plugins.handshake_timeout_ms", self.handshake_timeout_ms),
             ("plugins.call_timeout_ms", self.call_timeout_ms),
@@ -83,7 +96,7 @@ impl PluginsConfig {
             return Err(ConfigError::at_field(origin, field, "must be positive"));
         }
         for (id, entry) in &self.entries {
-            for key in entry.env.keys() {
+            for (key, value) in &entry.env {
                 let field = format!("plugins.entries.{id}.env.{key}");
                 if plugin_host::HOST_ENV.contains(&key.as_str()) {
                     return Err(ConfigError::at_field(
@@ -97,6 +110,13 @@ impl PluginsConfig {
                         origin,
                         &field,
                         "is not a valid environment variable name",
+                    ));
+                }
+                if value.contains('\0') {
+                    return Err(ConfigError::at_field(
+                        origin,
+                        &field,
+                        "holds a NUL character, which a process environment cannot hold",
                     ));
                 }
             }
@@ -223,7 +243,7 @@ impl RequestsConfig {
 
     /// Every deadline must be positive: a request without one could hold its
     /// generation forever.
-    pub(crate) fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
+    fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
         if self.timeout_ms == 0 {
             return Err(ConfigError::at_field(
                 origin,
@@ -558,6 +578,33 @@ timeout_ms = 2500
         }
         let err = check("[plugins.entries.p.env]\n\"A=B\" = \"x\"\n").unwrap_err();
         assert!(err.message.contains("not a valid"), "{err}");
+    }
+
+    /// What `Gateway` runs right after every load: both sections, and a
+    /// NUL in an env value (which no process environment can hold) named by
+    /// its field before any process is spawned with it.
+    #[test]
+    fn the_whole_config_check_covers_requests_plugins_and_env_values() {
+        let load = |text: &str| {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            TomlFileConfig::new(f.path()).load().unwrap()
+        };
+        let ok = load("[plugins.entries.p.env]\nAPI_KEY = \"a b=c\"\nEMPTY = \"\"\n");
+        assert_eq!(ok.check(), Ok(()));
+        let cfg = load("[plugins.entries.p.env]\nAPI_KEY = \"x\"\nTOKEN = \"a\\u0000b\"\n");
+        assert_eq!(cfg.plugins.entries["p"].env["TOKEN"], "a\0b");
+        let err = cfg.check().unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("plugins.entries.p.env.TOKEN"));
+        assert_eq!(err.line, Some(3));
+        assert!(err.message.contains("NUL"), "{err}");
+        assert!(!err.to_string().contains('\0'), "{err:?}");
+        let err = load("[requests]\ntimeout_ms = 0\n").check().unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("requests.timeout_ms"));
+        let err = load("[plugins]\ncall_timeout_ms = 0\n")
+            .check()
+            .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("plugins.call_timeout_ms"));
     }
 
     #[test]

@@ -1,6 +1,10 @@
-//! For hosts only: the gateway core, plugin runtimes and test harnesses.
-//! Plugin authors need nothing from this module; what they use is at the
-//! crate root.
+//! For hosts: the gateway core, plugin runtimes and test harnesses. A
+//! plugin's own code never needs this module; what it uses is at the crate
+//! root. A plugin's tests should run it in `gateway_core::testing::TestHost`
+//! (the real gateway with in-memory connections); a lower-level unit test of
+//! a factory or a `register` without a gateway builds the pieces here
+//! ([`scope_life`], [`event_sink`], [`registrar`] and [`declarations`],
+//! [`request_context`]).
 //!
 //! A plugin is handed capabilities, never the controls behind them: its
 //! [`EventSink`] cannot choose which events it may emit (the

@@ -114,7 +114,7 @@ impl Gateway {
     /// Build generation 1 and start its services. Fails if the first build
     /// fails: there is no older generation to keep serving.
     pub async fn start(options: GatewayOptions) -> Result<Gateway, BuildError> {
-        let config = options.config.load()?;
+        let config = load_config(&options)?;
         let live_scopes = Arc::new(AtomicUsize::new(0));
         let link: ControlLink = Arc::new(OnceLock::new());
         let manifests = prepare(&options, 1, &config, &[]).await?;
@@ -176,7 +176,7 @@ impl Gateway {
     /// what it would serve. Changes nothing that dispatches. Plugin
     /// processes are not started, so runtime plugins list no methods.
     pub fn validate(&self) -> Result<Vec<String>, BuildError> {
-        let config = self.inner.options.config.load()?;
+        let config = load_config(&self.inner.options)?;
         let manifests = crate::loader::discover_manifests(&config.plugins.dirs)?;
         let scope = self.build_scope(0, &config, manifests)?;
         Ok(scope
@@ -204,10 +204,11 @@ impl Gateway {
         )
     }
 
-    /// Read config and manifests, start the runtime plugins' processes
-    /// (all at once, before the swap) and build the new generation.
+    /// Read and check the config, read the manifests, start the runtime
+    /// plugins' processes (all at once, before the swap) and build the new
+    /// generation.
     async fn build_next(&self, generation: u64) -> Result<Arc<RestartScope>, BuildError> {
-        let config = self.inner.options.config.load()?;
+        let config = load_config(&self.inner.options)?;
         let serving = self.current().serving_plugin_ids();
         let manifests = prepare(&self.inner.options, generation, &config, &serving).await?;
         self.build_scope(generation, &config, manifests)
@@ -241,6 +242,14 @@ impl Gateway {
     pub fn transport(&self) -> &Arc<dyn EventTransport> {
         &self.inner.options.transport
     }
+}
+
+/// Read the config and check it ([`GatewayConfig::check`]) before anything
+/// (a plugin process above all) runs under it.
+fn load_config(options: &GatewayOptions) -> Result<GatewayConfig, BuildError> {
+    let config = options.config.load()?;
+    config.check()?;
+    Ok(config)
 }
 
 /// Discover manifest plugins and start the runtime ones. `serving`: the

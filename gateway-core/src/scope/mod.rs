@@ -161,14 +161,13 @@ pub(crate) struct BuildInputs<'a> {
 impl RestartScope {
     /// Build a complete generation: construct every enabled plugin, collect
     /// its declarations and freeze the registry. Nothing is started and
-    /// nothing outside the new scope changes.
+    /// nothing outside the new scope changes. `config` was checked
+    /// ([`GatewayConfig::check`]) when it was read.
     pub(crate) fn build(
         generation: u64,
         config: &GatewayConfig,
         inputs: BuildInputs<'_>,
     ) -> Result<RestartScope, BuildError> {
-        config.requests.check(config.origin.as_ref())?;
-        config.plugins.check(config.origin.as_ref())?;
         let cx = LoadContext {
             config,
             state_dir: inputs.state_dir,

@@ -319,6 +319,105 @@ async fn scenario_6_broken_config_keeps_the_old_scope_and_reports_where() {
     assert_eq!(gw.restart().await.unwrap().generation, 2);
 }
 
+/// A command plugin (the plugin-host test fixture, started by a wrapper
+/// that first appends a line to `marker`): the marker tells every time its
+/// process started.
+fn write_marking_command_plugin(plugins: &Path, marker: &Path) {
+    let dir = plugins.join("cmd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-host/tests/fixtures/test_plugin.py");
+    let script = dir.join("plugin.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import os, sys\nwith open({:?}, 'a') as f:\n    f.write('started\\n')\n\
+             os.execv(sys.executable, [sys.executable, {:?}])\n",
+            marker.display().to_string(),
+            fixture.display().to_string()
+        ),
+    )
+    .unwrap();
+    let manifest =
+        json!({"id": "cmd", "runtime": {"command": ["python3", script.display().to_string()]}});
+    std::fs::write(dir.join(MANIFEST_FILE), manifest.to_string()).unwrap();
+}
+
+/// A setting the config check refuses fails the restart before any plugin
+/// process is started with it: the error names the file, line and field
+/// (not what a process did with the value), the old generation and its
+/// plugin process serve on, and no new process ran its startup code.
+#[tokio::test]
+async fn a_refused_setting_fails_the_restart_before_any_plugin_process_starts() {
+    let plugins = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let marker = state.path().join("started");
+    write_marking_command_plugin(plugins.path(), &marker);
+    let config_path = state.path().join("gateway.toml");
+    write_config(&config_path, plugins.path(), "");
+    let gw = Gateway::start(GatewayOptions {
+        catalog: Catalog::new(),
+        config: Arc::new(TomlFileConfig::new(&config_path)),
+        state_dir: state.path().to_path_buf(),
+        transport: Arc::new(NullTransport),
+    })
+    .await
+    .expect("first build");
+    let started = || {
+        std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(started(), 1, "generation 1 started the process once");
+    // `extra` starts on line 7, inside `[plugins]`.
+    let cases: &[(&str, &str, usize)] = &[
+        (
+            "handshake_timeout_ms = 0\n",
+            "plugins.handshake_timeout_ms",
+            7,
+        ),
+        ("call_timeout_ms = 0\n", "plugins.call_timeout_ms", 7),
+        (
+            "max_calls_in_flight = 0\n",
+            "plugins.max_calls_in_flight",
+            7,
+        ),
+        (
+            "[plugins.entries.cmd.env]\nOK = \"fine\"\nTOKEN = \"a\\u0000b\"\n",
+            "plugins.entries.cmd.env.TOKEN",
+            9,
+        ),
+        ("[requests]\ntimeout_ms = 0\n", "requests.timeout_ms", 8),
+    ];
+    for (extra, field, line) in cases {
+        write_config(&config_path, plugins.path(), extra);
+        let err = gw.restart().await.unwrap_err();
+        let at = format!("gateway.toml:{line}:");
+        assert!(
+            err.error.contains(&format!("field `{field}`")) && err.error.contains(&at),
+            "{extra:?}: {}",
+            err.error
+        );
+        let refused = gw.validate().unwrap_err().to_string();
+        assert!(refused.contains(field), "{refused}");
+        assert_eq!(err.serving, 1);
+        assert_eq!(gw.current().generation(), 1);
+        let sum = call(&gw, "t.add", json!({"a": 2, "b": 3})).await.unwrap();
+        assert_eq!(sum["sum"], 5, "generation 1's process serves on");
+        assert_eq!(started(), 1, "{extra:?}: no process was started");
+    }
+    // The marker does see a start: the repaired config starts one.
+    write_config(
+        &config_path,
+        plugins.path(),
+        "handshake_timeout_ms = 10000\n",
+    );
+    assert_eq!(gw.restart().await.unwrap().generation, 2);
+    assert_eq!(started(), 2);
+    gw.shutdown(None).await;
+}
+
 // Scenario 7: 1000 restarts keep exactly one live scope and one live
 // instance of each plugin (what the gateway holds does not grow).
 #[tokio::test]
