@@ -10,7 +10,9 @@
 //!   ([`TestClient::send`]) through admission and the scope check;
 //! - read what each connection received, or every delivery in order
 //!   ([`TestHost::events_named`]), and wait for deliveries without polling
-//!   ([`TestHost::wait_until`]);
+//!   ([`TestHost::wait_until`]); an event is delivered only once its
+//!   generation serves (see [`TestTransport`]). What is recorded is the
+//!   plugins' events; the host's own `gateway.generation` notices are not;
 //! - read `health` and a plugin's degraded reason ([`TestHost::health`],
 //!   [`TestHost::degraded`]);
 //! - restart in-process ([`TestHost::restart`]), stop
@@ -63,7 +65,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -105,16 +107,29 @@ struct Table {
     log: Vec<(ConnId, ReceivedEvent)>,
 }
 
+/// Reads the generation serving now.
+type ServingGeneration = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// In-memory connections: the [`EventTransport`] of a [`TestHost`]. Sends
 /// and broadcasts reach exactly the connections that are open and entitled
 /// (operators holding the required scope), and report real counts. How long
 /// a connection has been open ([`EventTransport::broadcast_where`]) is
 /// measured on tokio's clock from when it joined the table, so a test on
 /// paused time controls it exactly; [`TestClient::backdate`] adds to it.
+///
+/// As in the real host, a plugin's event is delivered only once its
+/// generation serves (or served and is still handing over): one emitted
+/// before the swap (from a constructor, a task spawned there, a build that
+/// fails or a validation) reaches no connection and counts as delivered to
+/// none. A [`EventTransport::broadcast_where`] filter is asked holding no
+/// lock of the transport.
 #[derive(Default)]
 pub struct TestTransport {
     table: Mutex<Table>,
     arrived: Notify,
+    /// Set once the gateway exists; until then every generation but 0
+    /// counts as serving (and there is no connection yet).
+    serving: OnceLock<ServingGeneration>,
 }
 
 impl fmt::Debug for TestTransport {
@@ -128,6 +143,13 @@ impl fmt::Debug for TestTransport {
 }
 
 impl TestTransport {
+    /// Whether `event` may be delivered now: its generation serves, or
+    /// served and is still handing over. Generation 0 never serves.
+    fn deliverable(&self, event: &OutboundEvent) -> bool {
+        let serving = self.serving.get().map_or(u64::MAX, |now| now());
+        event.generation != 0 && event.generation <= serving
+    }
+
     fn record(log: &mut Vec<(ConnId, ReceivedEvent)>, conn: ConnId, event: &OutboundEvent) {
         let payload = serde_json::from_str(event.payload.get()).unwrap_or(Value::Null);
         log.push((
@@ -154,6 +176,9 @@ impl TestTransport {
 
 impl EventTransport for TestTransport {
     fn send_to(&self, conn: ConnId, event: &OutboundEvent) -> bool {
+        if !self.deliverable(event) {
+            return false;
+        }
         let delivered = {
             let mut t = lock(&self.table);
             let open = t.open.contains_key(&conn.0);
@@ -188,17 +213,30 @@ impl EventTransport for TestTransport {
         filter: ReceiverFilter<'_>,
         event: &OutboundEvent,
     ) -> usize {
+        if !self.deliverable(event) {
+            return 0;
+        }
         let now = tokio::time::Instant::now();
+        // Asked on a snapshot, with the table unlocked, as the real host
+        // does: the filter may call back into the transport.
+        let entitled: Vec<(Arc<ConnectionInfo>, Duration)> = lock(&self.table)
+            .open
+            .values()
+            .filter(|o| o.info.role == Role::Operator && o.info.scopes.allows(required_scope))
+            .map(|o| (o.info.clone(), o.open_for(now)))
+            .collect();
+        let chosen: Vec<ConnId> = entitled
+            .into_iter()
+            .filter(|(info, open)| filter(info, *open))
+            .map(|(info, _)| info.conn_id)
+            .collect();
         let reached = {
             let t = &mut *lock(&self.table);
             let mut reached = 0;
-            for open in t.open.values() {
-                let info = &open.info;
-                if info.role == Role::Operator
-                    && info.scopes.allows(required_scope)
-                    && filter(info, open.open_for(now))
-                {
-                    Self::record(&mut t.log, info.conn_id, event);
+            // A connection that closed while the filter ran receives nothing.
+            for conn in chosen {
+                if t.open.contains_key(&conn.0) {
+                    Self::record(&mut t.log, conn, event);
                     reached += 1;
                 }
             }
@@ -258,11 +296,21 @@ impl TestHostBuilder {
             transport: transport.clone(),
         })
         .await?;
+        let shared = Arc::new(Shared {
+            transport: transport.clone(),
+            gateway: Mutex::new(Some(gateway.clone())),
+        });
+        // Events are delivered once their generation serves: the transport
+        // reads the current scope itself, as the real host's table does;
+        // after a crash no generation serves.
+        let link = Arc::downgrade(&shared);
+        let _ = transport.serving.set(Box::new(move || {
+            link.upgrade()
+                .and_then(|s| lock(&s.gateway).as_ref().map(|g| g.current().generation()))
+                .unwrap_or(0)
+        }));
         Ok(TestHost {
-            shared: Arc::new(Shared {
-                transport,
-                gateway: Mutex::new(Some(gateway.clone())),
-            }),
+            shared,
             gateway,
             config,
             current: Mutex::new(self.config),
@@ -834,6 +882,21 @@ mod tests {
                         .unwrap_or(0);
                     Ok(json!(reached))
                 });
+            // A filter calling back into the sink.
+            let events = self.events.clone();
+            r.method("probe.reentrant")
+                .scope(scope::READ)
+                .sync(move |_, _| {
+                    let reached = events
+                        .broadcast_where(
+                            scope::READ,
+                            |info, _| events.is_connected(info.conn_id),
+                            "plugin.probe.note",
+                            &"reentrant",
+                        )
+                        .unwrap_or(0);
+                    Ok(json!(reached))
+                });
             let events = self.events.clone();
             r.method("probe.note")
                 .scope(scope::WRITE)
@@ -1117,6 +1180,176 @@ mod tests {
         assert!(
             !host.wait_until(Duration::from_millis(1), || false).await,
             "false when the time is up"
+        );
+        host.shutdown().await;
+    }
+    /// The real host asks a `broadcast_where` filter holding none of its
+    /// locks; so does the test host. Run on a thread of its own: a filter
+    /// that deadlocks the transport fails the test instead of hanging it.
+    #[test]
+    fn a_broadcast_where_filter_may_call_back_into_the_sink() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let reached = rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let p = Arc::new(Probe::default());
+                let host = probe_host(dir.path(), &p).await;
+                let a = host.connect_operator(&[scope::READ]);
+                let _b = host.connect_operator(&[scope::READ]);
+                let reached = a.call("probe.reentrant", json!({})).await.unwrap();
+                assert_eq!(a.events_named("plugin.probe.note").len(), 1);
+                host.shutdown().await;
+                reached
+            });
+            let _ = done.send(reached);
+        });
+        let reached = finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the filter's call into the sink returned");
+        assert_eq!(reached, 2);
+    }
+
+    /// `early` keeps its newest sink where `nudge` finds it, and says
+    /// goodbye from its service's stop; `nudge`, registered after it in the
+    /// same build, emits through that sink: an event of a generation before
+    /// the swap, as a task spawned by a constructor or a plugin process can
+    /// emit one.
+    #[derive(Default)]
+    struct Early {
+        sink: Mutex<Option<plugin_api::EventSink>>,
+        /// (generation, connections reached) of each emit during a build.
+        during_build: Mutex<Vec<(u64, usize)>>,
+    }
+
+    struct EarlyPlugin {
+        events: plugin_api::EventSink,
+        generation: u64,
+    }
+
+    impl Plugin for EarlyPlugin {
+        fn id(&self) -> &str {
+            "early"
+        }
+        fn version(&self) -> &str {
+            "1"
+        }
+        fn register(&self, r: &mut Registrar) {
+            r.event("plugin.early.note");
+            let (events, generation) = (self.events.clone(), self.generation);
+            r.service(
+                plugin_api::ServiceFn::new("early")
+                    .on_start(|| async { Ok::<(), String>(()) })
+                    .on_stop(move || {
+                        let _ = events.broadcast(
+                            scope::READ,
+                            "plugin.early.note",
+                            &json!({ "stop": generation }),
+                        );
+                        async {}
+                    })
+                    .into_service(),
+            );
+            let (events, generation) = (self.events.clone(), self.generation);
+            r.method("early.note").scope(scope::READ).sync(move |_, _| {
+                let reached = events
+                    .broadcast(
+                        scope::READ,
+                        "plugin.early.note",
+                        &json!({ "call": generation }),
+                    )
+                    .unwrap_or(0);
+                Ok(json!(reached))
+            });
+        }
+    }
+
+    struct NudgePlugin {
+        early: Arc<Early>,
+        generation: u64,
+    }
+
+    impl Plugin for NudgePlugin {
+        fn id(&self) -> &str {
+            "nudge"
+        }
+        fn version(&self) -> &str {
+            "1"
+        }
+        fn register(&self, _: &mut Registrar) {
+            let sink = lock(&self.early.sink).clone();
+            if let Some(sink) = sink {
+                let reached = sink
+                    .broadcast(
+                        scope::READ,
+                        "plugin.early.note",
+                        &json!({ "built": self.generation }),
+                    )
+                    .expect("declared, and the generation is live");
+                lock(&self.early.during_build).push((self.generation, reached));
+            }
+        }
+    }
+
+    fn early_plugins(early: &Arc<Early>) -> (PluginFactory, PluginFactory) {
+        let e = early.clone();
+        let first = PluginFactory::new("early", "1", move |ctx: PluginContext| {
+            *lock(&e.sink) = Some(ctx.events.clone());
+            Ok(Arc::new(EarlyPlugin {
+                events: ctx.events.clone(),
+                generation: ctx.life.generation(),
+            }))
+        });
+        let e = early.clone();
+        let second = PluginFactory::new("nudge", "1", move |ctx: PluginContext| {
+            Ok(Arc::new(NudgePlugin {
+                early: e.clone(),
+                generation: ctx.life.generation(),
+            }))
+        });
+        (first, second)
+    }
+
+    /// As in the real host: an event of a generation that is not serving
+    /// yet (emitted during its build, before the swap, or by a validation
+    /// build) reaches no connection and counts as reaching none; one of the
+    /// generation handing over after the swap, and of the serving one, is
+    /// delivered.
+    #[tokio::test]
+    async fn events_of_a_generation_not_serving_yet_reach_no_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let early = Arc::new(Early::default());
+        let (first, second) = early_plugins(&early);
+        let host = TestHost::builder(dir.path())
+            .plugin(first)
+            .plugin(second)
+            .start()
+            .await
+            .unwrap();
+        let reader = host.connect_operator(&[scope::READ]);
+        let notes = || -> Vec<Value> {
+            reader
+                .events_named("plugin.early.note")
+                .into_iter()
+                .map(|e| e.payload)
+                .collect()
+        };
+        assert_eq!(reader.call("early.note", json!({})).await.unwrap(), 1);
+        host.restart().await.unwrap();
+        host.gateway().validate().unwrap();
+        assert_eq!(
+            *lock(&early.during_build),
+            [(1, 0), (2, 0), (0, 0)],
+            "generation 2 emitted while 1 served, 0 never serves"
+        );
+        assert_eq!(reader.call("early.note", json!({})).await.unwrap(), 1);
+        assert_eq!(
+            notes(),
+            [json!({"call": 1}), json!({"stop": 1}), json!({"call": 2})],
+            "generation 1 handing over still reaches the connection"
         );
         host.shutdown().await;
     }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 /// Chooses receivers of [`EventSink::broadcast_where`]: given a
 /// connection's info and how long it has been open (since it joined the
-/// host's connection table), whether it receives the event.
+/// host's connection table), whether it receives the event. A host calls it
+/// holding none of its locks (see [`EventTransport::broadcast_where`]).
 pub type ReceiverFilter<'a> = &'a dyn Fn(&ConnectionInfo, Duration) -> bool;
 
 /// One event, serialized once, ready to be framed per connection (the host
@@ -66,6 +67,13 @@ pub trait EventTransport: Send + Sync + 'static {
     /// Returns how many connections it was queued for. The default cannot
     /// ask: it sends to none, so a count it returns is never an
     /// overstatement.
+    ///
+    /// A host calls `filter` holding none of its own locks: it takes a
+    /// snapshot of the entitled connections, releases the table, then asks.
+    /// So a filter may call back into the host (`is_connected`, another
+    /// event) and a slow one holds up no connection opening or closing. It
+    /// runs on the emitting task, once per entitled connection: keep it
+    /// cheap and never block in it.
     fn broadcast_where(
         &self,
         required_scope: &str,
@@ -270,6 +278,8 @@ impl EventSink {
     /// was queued for. For example, to leave out connections younger than a
     /// grace period, whenever the plugin heard of them:
     /// `sink.broadcast_where(scope::WRITE, |_, open| open >= grace, ..)`.
+    /// The host asks `filter` holding none of its locks, so it may call
+    /// back into this sink; it should be cheap.
     pub fn broadcast_where(
         &self,
         required_scope: &str,

@@ -7,6 +7,7 @@ use plugin_api::host::{EventTransport, OutboundEvent, ReceiverFilter};
 use plugin_api::{ConnId, ConnectionInfo, Role};
 use serde_json::value::RawValue;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tracing::debug;
 
 /// An authenticated connection as the table sees it.
@@ -190,12 +191,26 @@ impl EventTransport for ConnectionTable {
         if !self.deliverable(event) {
             return 0;
         }
+        // The filter is asked on a snapshot, with no shard of the table
+        // locked: it may call back into the table, and a slow one holds up
+        // no connection joining or leaving. One that left meanwhile is not
+        // queued the event.
         let now = tokio::time::Instant::now();
-        self.conns
+        let entitled: Vec<(Arc<ConnectionInfo>, Duration, Arc<Outbox>)> = self
+            .conns
             .iter()
             .filter(|c| c.info.role == Role::Operator && c.info.scopes.allows(required_scope))
-            .filter(|c| filter(&c.info, now.saturating_duration_since(c.joined)))
-            .filter(|c| c.outbox.plugin_event(event))
+            .map(|c| {
+                let open = now.saturating_duration_since(c.joined);
+                (c.info.clone(), open, c.outbox.clone())
+            })
+            .collect();
+        entitled
+            .into_iter()
+            .filter(|(info, open, _)| filter(info, *open))
+            .filter(|(info, _, outbox)| {
+                self.conns.contains_key(&info.conn_id.0) && outbox.plugin_event(event)
+            })
             .count()
     }
 
@@ -279,6 +294,42 @@ mod tests {
         assert_eq!(queued_generation(&mut rx), None);
     }
 
+    /// The filter is asked with no part of the table locked: it can ask
+    /// the table itself, and a connection leaving while a filter runs (on
+    /// another thread) is not held up by it. Before, the iteration held the
+    /// asked connection's shard: the leave waited for the whole broadcast.
+    #[test]
+    fn broadcast_where_asks_its_filter_with_the_table_unlocked() {
+        let table = Arc::new(ConnectionTable::default());
+        let mut rxs: Vec<_> = (1..=4)
+            .map(|id| conn(&table, id, Role::Operator, &["operator.write"]))
+            .collect();
+        let left_meanwhile = std::sync::Mutex::new(None);
+        let filter = |info: &ConnectionInfo, _| {
+            assert!(table.is_connected(info.conn_id), "re-entry into the table");
+            if info.conn_id == ConnId(3) {
+                let (done, finished) = std::sync::mpsc::channel();
+                let t = table.clone();
+                std::thread::spawn(move || {
+                    t.remove(ConnId(3));
+                    let _ = done.send(());
+                });
+                let left = finished.recv_timeout(Duration::from_secs(10)).is_ok();
+                *left_meanwhile.lock().unwrap() = Some(left);
+            }
+            info.conn_id != ConnId(2)
+        };
+        // 1 and 4: 2 was filtered out, 3 left while the filter ran.
+        assert_eq!(
+            table.broadcast_where("operator.write", &filter, &event()),
+            2
+        );
+        assert_eq!(*left_meanwhile.lock().unwrap(), Some(true));
+        assert_eq!(table.len(), 3);
+        let queued: Vec<bool> = rxs.iter_mut().map(|rx| rx.try_recv().is_some()).collect();
+        assert_eq!(queued, [true, false, false, true]);
+    }
+
     #[test]
     fn broadcast_reaches_operators_holding_the_scope_and_send_to_one() {
         let table = ConnectionTable::default();
@@ -310,7 +361,6 @@ mod tests {
     /// advanced, so the limit is hit to the millisecond.
     #[tokio::test(start_paused = true)]
     async fn broadcast_where_sees_how_long_each_connection_has_been_open() {
-        use std::time::Duration;
         let grace = Duration::from_millis(1000);
         let ms = Duration::from_millis(1);
         let table = ConnectionTable::default();
