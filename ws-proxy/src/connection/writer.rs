@@ -311,7 +311,11 @@ mod tests {
             }
         })
         .await;
-        assert!(waited.is_ok(), "the writer wrote {} of {n} messages", rec.len());
+        assert!(
+            waited.is_ok(),
+            "the writer wrote {} of {n} messages",
+            rec.len()
+        );
     }
 
     #[tokio::test]
