@@ -65,12 +65,16 @@ pub const EVENTS: &[&str] = &[
 
 /// The factory the host registers: id `bncr`, enabled by default, with the
 /// config schema of [`config_schema`].
+///
+/// The factory outlives generations: it keeps which store files are open,
+/// so a generation's store opens only once the previous one closed.
 pub fn factory() -> PluginFactory {
+    let gate = store::OpenGate::default();
     PluginFactory::new(
         PLUGIN_ID,
         env!("CARGO_PKG_VERSION"),
-        |ctx: PluginContext| {
-            let plugin = BncrPlugin::new(ctx)?;
+        move |ctx: PluginContext| {
+            let plugin = BncrPlugin::new(ctx, gate.clone())?;
             Ok(Arc::new(plugin) as Arc<dyn Plugin>)
         },
     )
@@ -85,7 +89,7 @@ struct BncrPlugin {
 }
 
 impl BncrPlugin {
-    fn new(ctx: PluginContext) -> Result<Self, PluginError> {
+    fn new(ctx: PluginContext, gate: store::OpenGate) -> Result<Self, PluginError> {
         let cfg = Config::from_value(&ctx.config)
             .map_err(|e| PluginError::new(format!("bncr config: {e}")))?;
         let root = ctx.state_dir.join("bncr");
@@ -96,6 +100,7 @@ impl BncrPlugin {
                 ctx.events,
                 ctx.life,
                 env!("CARGO_PKG_VERSION"),
+                gate,
             )),
         })
     }

@@ -204,43 +204,22 @@ impl Bridge {
     /// reaches nobody (the later ones would reach nobody either). A message
     /// is handed on, and never offered again, once at least one operator
     /// connection received it (or the echo responder queued its reply).
-    /// Ends at the next message once the bridge stops: a message delivered
-    /// is journaled before the store closes (see [`Bridge::stop`]).
+    /// Ends at the next message once the bridge stops. A message operators
+    /// received has its journal mark queued at once, before anything is
+    /// awaited, under `hand_on_step`: a stop closes the store's queue only
+    /// after it, so the mark is journaled before the store closes.
     pub(super) async fn hand_on_pending(&self) {
         let _one_pass = self.hand_on_lock.lock().await;
         loop {
-            if self.stop.is_cancelled() {
-                return;
-            }
-            let Some((key, payload)) = self.state().inbound.front().cloned() else {
+            let Some(offer) = self.offer_next() else {
                 return;
             };
-            let received = match self.events.broadcast_where(
-                scope::WRITE,
-                self.is_operator(),
-                INBOUND_EVENT,
-                &payload,
-            ) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, msg_id = %key.msg_id, "bncr inbound not handed on; kept for the next generation");
-                    return;
-                }
-            };
-            if received == 0 && !self.cfg.echo.enabled {
-                self.state().counters.inbound_unreceived_offers += 1;
-                tracing::debug!(msg_id = %key.msg_id, "bncr inbound reached no operator; kept pending");
-                return;
-            }
-            // Taken off the queue before any await: if this pass is
-            // cancelled during the echo, operators that received it are not
-            // offered it again in this generation.
-            {
-                let mut st = self.state();
-                if st.inbound.front().is_some_and(|(k, _)| *k == key) {
-                    st.inbound.pop_front();
-                }
-            }
+            let Offer {
+                key,
+                payload,
+                received,
+                mark,
+            } = offer;
             let echoed = self.cfg.echo.enabled && self.echo(&key, &payload).await;
             if received == 0 && !echoed {
                 let mut st = self.state();
@@ -251,23 +230,78 @@ impl Bridge {
                 return;
             }
             // Received: never offer it again, in this generation (memory,
-            // done above) or a later one (the journal).
+            // done by `offer_next`) or a later one (the journal). Echoed
+            // only: marked now (a stop in between leaves it pending, and
+            // the next generation's echo is deduplicated by its key).
             self.state().counters.inbound_handed_on += 1;
             tracing::debug!(msg_id = %key.msg_id, operators = received, echoed, "bncr inbound handed on");
-            let marked = match self.store() {
-                Ok(store) => {
-                    let k = key.clone();
-                    store
-                        .call(move |c| store::mark_handed_on(c, &k))
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(e.message),
+            let mark = match mark {
+                Some(queued) => queued,
+                None => self.queue_mark(&key),
+            };
+            let marked = match mark {
+                Ok(answer) => answer.wait().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
             };
             if let Err(e) = marked {
                 tracing::error!(error = %e, msg_id = %key.msg_id, "bncr inbound handed on but not marked; a later generation offers it again");
             }
         }
+    }
+
+    /// Offer the oldest pending message (unless stopping): broadcast it to
+    /// the operators, and if one received it, take it off the queue and
+    /// queue its journal mark, all under `hand_on_step` and without an
+    /// await. `None`: nothing to offer, or nobody received it and the echo
+    /// responder is off (it stays pending).
+    fn offer_next(&self) -> Option<Offer> {
+        let _step = self.hand_on_step.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let (key, payload) = self.state().inbound.front().cloned()?;
+        let received = match self.events.broadcast_where(
+            scope::WRITE,
+            self.is_operator(),
+            INBOUND_EVENT,
+            &payload,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, msg_id = %key.msg_id, "bncr inbound not handed on; kept for the next generation");
+                return None;
+            }
+        };
+        if received == 0 && !self.cfg.echo.enabled {
+            self.state().counters.inbound_unreceived_offers += 1;
+            tracing::debug!(msg_id = %key.msg_id, "bncr inbound reached no operator; kept pending");
+            return None;
+        }
+        // Taken off the queue before any await: if the pass is cancelled
+        // during the echo, operators that received it are not offered it
+        // again in this generation.
+        {
+            let mut st = self.state();
+            if st.inbound.front().is_some_and(|(k, _)| *k == key) {
+                st.inbound.pop_front();
+            }
+        }
+        let mark = (received > 0).then(|| self.queue_mark(&key));
+        Some(Offer {
+            key,
+            payload,
+            received,
+            mark,
+        })
+    }
+
+    /// Queue the journal write marking `key` handed on.
+    fn queue_mark(&self, key: &InboundKey) -> Result<store::Answer<()>, String> {
+        let store = self.store().map_err(|e| e.message)?;
+        let k = key.clone();
+        store
+            .queue_call(move |c| store::mark_handed_on(c, &k))
+            .map_err(|e| e.to_string())
     }
 
     /// Queue the echo responder's reply; whether it is queued.
@@ -335,6 +369,16 @@ impl Bridge {
             }
         }
     }
+}
+
+/// A message offered by [`Bridge::offer_next`].
+struct Offer {
+    key: InboundKey,
+    payload: Value,
+    /// Operator connections that received it.
+    received: usize,
+    /// Its journal mark, queued when an operator received it.
+    mark: Option<Result<store::Answer<()>, String>>,
 }
 
 /// One `maxInboundPending` slot held by a `bncr.inbound` request until its

@@ -56,18 +56,14 @@ impl Lease {
 impl Bridge {
     // ---------------------------------------------------------------- connections
 
-    /// Mark `conn` offline everywhere.
+    /// Mark `conn` offline everywhere. (The host calls this on its own
+    /// threads, also for an old generation during a hand-over: the store
+    /// is called only once `state` is released, see the lock order.)
     pub(crate) fn connection_closed(&self, conn: ConnId) {
         let mut changed = Vec::new();
-        {
+        let was_client = {
             let mut st = self.state();
-            if st.clients.remove(&conn)
-                && let Ok(store) = self.store()
-            {
-                store.enqueue("client connection closed", move |c| {
-                    store::put_client_conn(c, conn.0, false)
-                });
-            }
+            let was_client = st.clients.remove(&conn);
             let now = Instant::now();
             for (name, acc) in st.accounts.iter_mut() {
                 acc.conns.remove(&conn);
@@ -78,6 +74,12 @@ impl Bridge {
                     changed.push(lease_row(name, l));
                 }
             }
+            was_client
+        };
+        if was_client && let Ok(store) = self.store() {
+            store.enqueue("client connection closed", move |c| {
+                store::put_client_conn(c, conn.0, false)
+            });
         }
         if changed.is_empty() {
             return;

@@ -1,6 +1,31 @@
 //! The bridge: one per generation, owned by the plugin instance. Holds
 //! connections, leases and the in-memory mirror of the outbox; the store is
 //! the source of truth for everything that must survive a restart.
+//!
+//! # Lock order
+//!
+//! Outermost first; a thread holding one lock takes only later ones:
+//!
+//! 1. `hand_on_lock` (async): one hand-on pass at a time; held across
+//!    awaits by a pass, and by a stop until its store is closed.
+//! 2. `hand_on_step`: a pass's delivery of one message and the queueing of
+//!    its journal mark, and a stop's closing of the store's queue. Only
+//!    plain work under it: the host's broadcast, `state`, the store's
+//!    `queue`.
+//! 3. The store's `conn`: held by its runner while a job runs; a job may
+//!    take `state` (`bncr.inbound` queues its message in memory from its
+//!    journal job).
+//! 4. `state`: plain memory work only. Never held while calling the store
+//!    ([`Bridge::store`], `enqueue`, `call`, `close`), the host (events,
+//!    `is_connected`) or across an await (checked in debug builds by
+//!    [`StateGuard`]).
+//! 5. The store's `queue`: a leaf (a closer waiting for the runner waits on
+//!    a condition variable, which releases it).
+//!
+//! `drain_done` and the store's `fault` are leaves too. Since a job may
+//! hold `conn` while it waits for `state`, taking the store's queue under
+//! `state` (store(), enqueue) would close a cycle as soon as anything waited
+//! for `conn` under `queue`; both edges are excluded, either alone suffices.
 
 use crate::config::{Config, Policy};
 use crate::files::{OutgoingWaiters, Transfer};
@@ -37,9 +62,13 @@ pub(crate) const PUSH_EVENT: &str = "plugin.bncr.push";
 /// The operator event for accepted inbound messages.
 pub(crate) const INBOUND_EVENT: &str = "chat.inbound";
 
-/// How long a stop waits for the drain loop, and then for a hand-on pass in
-/// progress, before closing the store anyway.
-const STOP_WAIT: Duration = Duration::from_secs(5);
+/// The most a stop takes. The host gives a service's stop
+/// `restart.service_stop_timeout_ms` (5 s by default) and then stops
+/// waiting for it; a plugin is not told that value, so this stays well
+/// under the default. Of it, the drain loop and a hand-on pass in progress
+/// get two thirds ([`Bridge::stop`]); the rest is for closing the store,
+/// which is always begun.
+pub(crate) const STOP_BUDGET: Duration = Duration::from_secs(3);
 /// The bridge protocol version reported by `bncr.connect`.
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
 /// The canonical name of the default account.
@@ -160,6 +189,51 @@ impl State {
     }
 }
 
+thread_local! {
+    /// How many bridge state guards this thread holds.
+    static STATE_HELD: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The locked bridge state. Counts, per thread, the guards held, so that
+/// code which must not run under it (calls into the store) can check in
+/// debug builds. A std guard cannot cross an await, so the count is exact.
+pub(crate) struct StateGuard<'a>(MutexGuard<'a, State>);
+
+impl<'a> StateGuard<'a> {
+    fn new(guard: MutexGuard<'a, State>) -> Self {
+        STATE_HELD.with(|n| n.set(n.get() + 1));
+        StateGuard(guard)
+    }
+
+    /// Panics (in debug builds) if this thread holds the bridge state.
+    fn assert_not_held(what: &str) {
+        debug_assert_eq!(
+            STATE_HELD.with(std::cell::Cell::get),
+            0,
+            "{what} called while holding the bridge state (see the lock order)"
+        );
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        STATE_HELD.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
 /// One push the drain decided to make.
 #[derive(Debug)]
 struct Push {
@@ -206,6 +280,13 @@ pub(crate) struct Bridge {
     /// One hand-on pass at a time, so inbound messages reach operators in
     /// the order they were accepted.
     hand_on_lock: tokio::sync::Mutex<()>,
+    /// Held while a pass delivers a message and queues its journal mark,
+    /// and while a stop closes the store's queue: a message an operator
+    /// received always has its mark queued before the store stops taking
+    /// work (and so journaled before it closes).
+    hand_on_step: Mutex<()>,
+    /// Which store files are open, across generations (from the factory).
+    gate: store::OpenGate,
     /// Wakes the inbound loop: a message is pending or an operator opened.
     inbound_wake: Notify,
 }
@@ -227,6 +308,7 @@ impl Bridge {
         events: EventSink,
         life: ScopeLife,
         version: &str,
+        gate: store::OpenGate,
     ) -> Self {
         Bridge {
             cfg,
@@ -241,12 +323,15 @@ impl Bridge {
             counter: AtomicU64::new(0),
             version: version.to_string(),
             hand_on_lock: tokio::sync::Mutex::new(()),
+            hand_on_step: Mutex::new(()),
+            gate,
             inbound_wake: Notify::new(),
         }
     }
 
-    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The bridge's state, locked (see the lock order above).
+    pub(crate) fn state(&self) -> StateGuard<'_> {
+        StateGuard::new(self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A fresh unique id: `<prefix>-<24 hex>`.
@@ -266,8 +351,10 @@ impl Bridge {
         format!("{prefix}-{}", hex::encode(&digest[..12]))
     }
 
-    /// The open store, or a clean `UNAVAILABLE`.
+    /// The open store, or a clean `UNAVAILABLE`. Never called holding
+    /// `state` (the lock order).
     pub(crate) fn store(&self) -> Result<&Store, RpcError> {
+        StateGuard::assert_not_held("Bridge::store");
         match self.store.get() {
             Ok(Some(s)) if s.is_open() => Ok(s),
             Ok(_) => {
@@ -329,8 +416,11 @@ impl Bridge {
     pub(crate) async fn start(self: &Arc<Self>) -> Result<(), String> {
         let path = self.root.join("bncr.sqlite3");
         let files = self.root.join("files");
+        if matches!(self.store.get(), Ok(Some(_))) {
+            return Err("bncr store already opened in this generation".into());
+        }
         // Open, migrate and restore in one hand-off to the store thread.
-        let (store, restored) = Store::open(&path, move |conn| {
+        let (store, restored) = Store::open(&self.gate, &path, move |conn| {
             let restored = store::restore(conn)?;
             // Spools of transfers cut by the previous generation are useless.
             reset_spool(&files.join("spool"))?;
@@ -354,6 +444,15 @@ impl Bridge {
             .grace_ends
             .insert(now + Duration::from_millis(self.cfg.inbound_grace_ms));
         let pending_inbound = restored.inbound_pending.len();
+        // Asked of the host before `state` is locked (the lock order).
+        let live: HashSet<ConnId> = restored
+            .leases
+            .iter()
+            .filter_map(|l| l.conn_id)
+            .chain(restored.client_conns.iter().copied())
+            .map(ConnId)
+            .filter(|c| self.events.is_connected(*c))
+            .collect();
         let mut store_for_cleanup: Option<Vec<u64>> = None;
         let (outbox_n, dead_n, lease_n) = {
             let mut guard = self.state();
@@ -363,10 +462,7 @@ impl Bridge {
                 // A lease restored after a crash names a connection of the
                 // dead process: keep the lease (the client may resume it) but
                 // only as online if the host still has that connection.
-                let conn = l
-                    .conn_id
-                    .map(ConnId)
-                    .filter(|c| self.events.is_connected(*c));
+                let conn = l.conn_id.map(ConnId).filter(|c| live.contains(c));
                 if let Some(c) = conn {
                     acc.conns.insert(c);
                     st.clients.insert(c);
@@ -393,7 +489,7 @@ impl Bridge {
             // closed ones are dropped.
             let mut gone = Vec::new();
             for c in restored.client_conns.iter().copied().map(ConnId) {
-                if self.events.is_connected(c) {
+                if live.contains(&c) {
                     st.clients.insert(c);
                 } else {
                     gone.push(c.0);
@@ -447,28 +543,49 @@ impl Bridge {
     }
 
     /// Stop the drain and the inbound hand-on, fail waiters as timeouts,
-    /// close the store.
+    /// close the store; within [`STOP_BUDGET`] in all.
+    ///
+    /// The drain loop and a hand-on pass in progress get two thirds of the
+    /// budget to end (they end at their next step once stopping). Then the
+    /// store stops taking work and closes with whatever is queued, whether
+    /// or not they ended: a message an operator received has its journal
+    /// mark queued by then (see `hand_on_step`). If the store is still
+    /// running queued jobs when the budget is spent (SQLite waiting for a
+    /// lock), the stop returns and the store closes when they are done;
+    /// the next generation's open waits for that ([`store::OpenGate`]).
     pub(crate) async fn stop(self: &Arc<Self>) {
+        let begun = tokio::time::Instant::now();
+        let deadline = begun + STOP_BUDGET;
+        let loops_deadline = begun + STOP_BUDGET * 2 / 3;
         self.stop.cancel();
         let done = self
             .drain_done
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(rx) = done {
-            let _ = tokio::time::timeout(STOP_WAIT, rx).await;
+        if let Some(rx) = done
+            && tokio::time::timeout_at(loops_deadline, rx).await.is_err()
+        {
+            tracing::warn!(
+                wait_ms = (loops_deadline - begun).as_millis() as u64,
+                "bncr drain loop still running at stop; closing the store anyway"
+            );
         }
-        // A hand-on pass journals each message it delivered; closing the
-        // store under it would leave a delivered message unmarked, and the
-        // next generation would offer it again to the same connections.
-        // The pass ends at its next message once `stop` is cancelled; held
-        // until the store is closed, so no pass starts after this.
-        let pass = tokio::time::timeout(STOP_WAIT, self.hand_on_lock.lock()).await;
+        // Held until the store is closed, so no pass starts after this.
+        let pass = tokio::time::timeout_at(loops_deadline, self.hand_on_lock.lock()).await;
         if pass.is_err() {
             tracing::warn!(
-                wait_ms = STOP_WAIT.as_millis() as u64,
-                "bncr hand-on pass still running at stop; closing the store under it (its current message may be offered again)"
+                wait_ms = (loops_deadline - begun).as_millis() as u64,
+                "bncr hand-on pass still running at stop; closing the store under it (what it delivered is journaled)"
             );
+        }
+        let store = self.store.get().ok().flatten();
+        {
+            // Not while a pass delivers a message and queues its mark.
+            let _step = self.hand_on_step.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = store {
+                s.stop_accepting();
+            }
         }
         let (waiters, transfers, pending, dead) = {
             let mut st = self.state();
@@ -479,28 +596,34 @@ impl Bridge {
             let dead: u64 = st.accounts.values().map(|a| a.dead).sum();
             (w, t, pending, dead)
         };
-        let store = self
-            .store
-            .get()
-            .ok()
-            .flatten()
-            .map(|s| s.path().to_path_buf());
-        // Queued writes finish before the thread closes the database; this
-        // returns once it is closed. (If the generation already retired the
-        // handle refuses; dropping the bridge then drops the sender and the
-        // thread closes the database by itself.)
-        if let Ok(Some(s)) = self.store.get() {
-            s.close().await;
+        // Queued writes finish before the database closes. (If the
+        // generation already retired, the handle refuses; the store then
+        // closes by itself once dropped.)
+        let closed = match store {
+            Some(s) => tokio::time::timeout_at(deadline, s.close()).await.is_ok(),
+            None => true,
+        };
+        if closed {
+            tracing::info!(
+                generation = self.life.generation(),
+                pending,
+                dead_letters = dead,
+                failed_waiters = waiters,
+                dropped_transfers = transfers,
+                store = ?store.map(Store::path),
+                "bncr store closed"
+            );
+        } else {
+            tracing::warn!(
+                generation = self.life.generation(),
+                pending,
+                dead_letters = dead,
+                failed_waiters = waiters,
+                dropped_transfers = transfers,
+                budget_ms = STOP_BUDGET.as_millis() as u64,
+                "bncr store still running queued writes at the end of the stop; it closes when they are done, and the next open waits for that"
+            );
         }
-        tracing::info!(
-            generation = self.life.generation(),
-            pending,
-            dead_letters = dead,
-            failed_waiters = waiters,
-            dropped_transfers = transfers,
-            store = ?store,
-            "bncr store closed"
-        );
         drop(pass);
     }
 }

@@ -13,6 +13,12 @@
 //! awaited on the blocking pool too, so the host's service start and stop
 //! timeouts can fire while SQLite blocks (a busy lock, a slow disk).
 //!
+//! One file, one open store at a time: an open waits (up to
+//! [`PREVIOUS_CLOSE_WAIT`]) until the previous store on the same file ran
+//! its queued jobs and closed, even if the stop that closed it returned
+//! first ([`OpenGate`]). So a new generation never restores state that an
+//! old generation's late jobs change afterwards.
+//!
 //! Durability: `synchronous=FULL` in WAL mode, so a commit is fsynced
 //! before its caller hears back (`send` returns, `accepted:true`) and
 //! survives kill -9 and power loss. FULL is kept because the restart path
@@ -21,7 +27,7 @@
 //! the price of the last commits on power loss.
 
 use rusqlite::Connection;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -62,6 +68,40 @@ impl From<rusqlite::Error> for StoreError {
 /// (The runner waits this long on its pool thread before it returns.)
 const IDLE_CHECKPOINT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long an open waits for the previous store on the same file to close
+/// before it opens anyway (and warns). Well under the host's default service
+/// start timeout (10 s); the previous store's jobs are each bounded by
+/// SQLite's busy timeout (5 s).
+pub(crate) const PREVIOUS_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which database files have a store open, so that an open waits for the
+/// previous store on the same file to close. Kept by the plugin's factory,
+/// which outlives generations (nothing process-global): each generation's
+/// bridge gets a clone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OpenGate(Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>);
+
+/// A file's turn, held by its store until the database is closed.
+type FileTurn = tokio::sync::OwnedMutexGuard<()>;
+
+impl OpenGate {
+    /// Wait (at most `wait`) for `path`'s turn. `None`: the previous store
+    /// is still closing after `wait`.
+    async fn turn(&self, path: &Path, wait: std::time::Duration) -> Option<FileTurn> {
+        let file = {
+            let mut files = lock(&self.0);
+            // Forget files nobody holds or waits for (the map's own
+            // reference is the only one left).
+            files.retain(|_, f| Arc::strong_count(f) > 1);
+            files.entry(path.to_path_buf()).or_default().clone()
+        };
+        match file.clone().try_lock_owned() {
+            Ok(turn) => Some(turn),
+            Err(_) => tokio::time::timeout(wait, file.lock_owned()).await.ok(),
+        }
+    }
+}
+
 /// Handle to the store. Closing it finishes queued jobs and closes the
 /// database.
 ///
@@ -78,13 +118,26 @@ pub(crate) struct Store {
     shared: Arc<Shared>,
 }
 
-/// What the runner and the handle share. Lock order: `queue`, then
-/// `conn`. A job is popped and `conn` locked under one `queue` lock, so a
-/// closer that takes the remaining jobs runs them after the one in hand.
+/// What the runner and the handle share.
+///
+/// Locks: `conn` is held by the runner while it runs a job, and a job may
+/// take the bridge's state lock (see the bridge's lock order); `queue` is
+/// a leaf: nothing else is locked, nor waited for, while it is held (a
+/// closer waits on `idle`, which releases it). So a thread holding the
+/// bridge's state may always submit (or be refused) at once.
+///
+/// Only the runner uses the connection while it runs; a closer takes it
+/// only once no runner is left (and none can start: the queue is closed).
 struct Shared {
     queue: Mutex<Queue>,
+    /// Wakes the runner: a job was queued or the store closed.
     ready: Condvar,
+    /// Wakes closers: the runner returned.
+    idle: Condvar,
     conn: Mutex<Option<Connection>>,
+    /// This store's turn on its file; released once the database is
+    /// closed (declared after `conn`, so dropped after it too).
+    turn: Mutex<Option<FileTurn>>,
     /// Where runners are borrowed from.
     runtime: tokio::runtime::Handle,
     /// SQLite opened the database read-only.
@@ -159,11 +212,26 @@ impl Store {
     /// Open (creating and migrating) the database at `path` and run `init`
     /// on it (restoring state), on the blocking pool. Must be called inside
     /// a tokio runtime; later jobs run on that runtime's blocking pool.
-    pub(crate) async fn open<R, F>(path: &Path, init: F) -> Result<(Store, R), StoreError>
+    ///
+    /// Waits first (at most [`PREVIOUS_CLOSE_WAIT`]) for the previous store
+    /// that `gate` saw on `path` to close.
+    pub(crate) async fn open<R, F>(
+        gate: &OpenGate,
+        path: &Path,
+        init: F,
+    ) -> Result<(Store, R), StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        let turn = gate.turn(path, PREVIOUS_CLOSE_WAIT).await;
+        if turn.is_none() {
+            tracing::warn!(
+                path = %path.display(),
+                wait_ms = PREVIOUS_CLOSE_WAIT.as_millis() as u64,
+                "bncr store: the previous generation's store is still finishing its writes; opening anyway"
+            );
+        }
         let db = path.to_path_buf();
         let (conn, r, read_only) = blocking(move || {
             let mut conn = open_connection(&db)?;
@@ -175,7 +243,9 @@ impl Store {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
+            idle: Condvar::new(),
             conn: Mutex::new(Some(conn)),
+            turn: Mutex::new(turn),
             runtime: tokio::runtime::Handle::current(),
             read_only,
             fault: Mutex::new(None),
@@ -228,6 +298,16 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        self.queue_call(f)?.wait().await
+    }
+
+    /// Queue `f` now and hear its result later: once this returns, the job
+    /// runs even if the store starts closing before its result is awaited.
+    pub(crate) fn queue_call<R, F>(&self, f: F) -> Result<Answer<R>, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |c, shared| {
             let before = c.total_changes();
@@ -236,8 +316,7 @@ impl Store {
             let _ = tx.send(r);
         });
         self.submit(job)?;
-        rx.await
-            .map_err(|_| StoreError("store closed before the job ran".into()))?
+        Ok(Answer(rx))
     }
 
     /// Queue `f` without waiting; errors are logged.
@@ -278,36 +357,62 @@ impl Store {
         Ok(())
     }
 
+    /// Stop accepting work, at once: later jobs are refused; the jobs
+    /// already queued still run, then the database closes (see
+    /// [`Store::close`]). Never blocks. Idempotent.
+    pub(crate) fn stop_accepting(&self) {
+        lock(&self.shared.queue).closed = true;
+        self.shared.ready.notify_one();
+    }
+
     /// Stop accepting work, run the jobs still queued, close the database.
-    /// Runs on the blocking pool (after any job a runner has in hand); the
-    /// caller awaits it, so a timeout around `close` can fire. When this
-    /// returns the database is closed. Idempotent.
+    /// Waits on the blocking pool (for the runner to finish the queue); the
+    /// caller awaits it, so a timeout around `close` can fire, and the
+    /// queued jobs still run and the database still closes after it
+    /// fired. When this returns the database is closed. Idempotent.
     pub(crate) async fn close(&self) {
+        self.stop_accepting();
         let shared = self.shared.clone();
         let _ = blocking(move || shared.close_now()).await;
     }
 }
 
+/// The result of a job queued with [`Store::queue_call`].
+#[derive(Debug)]
+pub(crate) struct Answer<R>(tokio::sync::oneshot::Receiver<Result<R, StoreError>>);
+
+impl<R> Answer<R> {
+    /// Wait for the job's result.
+    pub(crate) async fn wait(self) -> Result<R, StoreError> {
+        self.0
+            .await
+            .map_err(|_| StoreError("store closed before the job ran".into()))?
+    }
+}
+
 impl Shared {
+    /// Wait until no runner is left (it runs the queued jobs and closes the
+    /// database itself), then close the database if no runner did. The
+    /// queue is closed, so no runner starts after this.
     fn close_now(&self) {
-        // Under the queue lock (lock order: queue, then conn): mark closed,
-        // take the queued jobs and the connection together, so the store
-        // thread can neither pick up a later job nor close the connection
-        // with jobs still to run. Taking `conn` waits for a job in hand.
-        let (rest, conn) = {
-            let mut q = lock(&self.queue);
-            q.closed = true;
-            let rest = std::mem::take(&mut q.jobs);
-            let conn = lock(&self.conn).take();
-            (rest, conn)
-        };
+        let mut q = lock(&self.queue);
+        q.closed = true;
         self.ready.notify_one();
-        if let Some(mut conn) = conn {
-            for job in rest {
-                self.run(job, &mut conn);
-            }
+        while q.running {
+            q = self.idle.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(q);
+        self.close_database();
+    }
+
+    /// Close the database if it is still open, then release the file's
+    /// turn (the next store on the file may open).
+    fn close_database(&self) {
+        let conn = lock(&self.conn).take();
+        if let Some(conn) = conn {
             close_connection(conn);
         }
+        drop(lock(&self.turn).take());
     }
 }
 
@@ -361,32 +466,29 @@ fn close_connection(conn: Connection) {
 /// A runner's loop, on a blocking-pool thread: run jobs in order; when the
 /// queue is empty after writes, wait [`IDLE_CHECKPOINT`] for more work, then
 /// checkpoint; return when there is nothing left to do. Once closed and
-/// drained, close the database unless a closer already took it.
+/// drained, close the database, then tell waiting closers. No lock is held
+/// while another is taken: `queue` is released before `conn` is locked.
 fn serve(shared: &Shared) {
     let mut q = lock(&shared.queue);
     loop {
         if let Some(job) = q.jobs.pop_front() {
-            let mut c = lock(&shared.conn);
             drop(q);
-            if let Some(conn) = c.as_mut() {
+            let mut c = lock(&shared.conn);
+            let wrote = c.as_mut().is_some_and(|conn| {
                 let before = conn.total_changes();
                 shared.run(job, conn);
-                let wrote = conn.total_changes() != before;
-                drop(c);
-                q = lock(&shared.queue);
-                q.dirty |= wrote;
-            } else {
-                drop(c);
-                q = lock(&shared.queue);
-            }
+                conn.total_changes() != before
+            });
+            drop(c);
+            q = lock(&shared.queue);
+            q.dirty |= wrote;
             continue;
         }
         if q.closed {
-            q.running = false;
             drop(q);
-            if let Some(conn) = lock(&shared.conn).take() {
-                close_connection(conn);
-            }
+            shared.close_database();
+            lock(&shared.queue).running = false;
+            shared.idle.notify_all();
             return;
         }
         if !q.dirty {
@@ -437,7 +539,8 @@ mod crash_tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (store, _) = Store::open(&path, |c| restore(c)).await.unwrap();
+            let gate = OpenGate::default();
+            let (store, _) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
             for i in 0..5 {
                 store
                     .call(move |c| insert_outbox(c, &format!("k{i}"), outbox_row(i)))
@@ -472,7 +575,8 @@ mod crash_tests {
     async fn close_runs_queued_jobs_then_closes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bncr.sqlite3");
-        let (store, _) = Store::open(&path, |c| restore(c)).await.unwrap();
+        let gate = OpenGate::default();
+        let (store, _) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
         for i in 0..50 {
             store.enqueue("test insert", move |c| {
                 insert_outbox(c, &format!("k{i}"), outbox_row(i)).map(|_| ())
@@ -481,7 +585,7 @@ mod crash_tests {
         store.close().await;
         assert!(!store.is_open());
         assert!(store.call(|_| Ok(())).await.is_err());
-        let (again, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+        let (again, r) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
         let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.clone()).collect();
         let want: Vec<_> = (0..50).map(|i| format!("m{i}")).collect();
         assert_eq!(ids, want);
@@ -489,13 +593,13 @@ mod crash_tests {
         // Close right after an enqueue, many times: the job always runs
         // before the database closes.
         for i in 50..150 {
-            let (s, _) = Store::open(&path, |_| Ok(())).await.unwrap();
+            let (s, _) = Store::open(&gate, &path, |_| Ok(())).await.unwrap();
             s.enqueue("test insert", move |c| {
                 insert_outbox(c, &format!("k{i}"), outbox_row(i)).map(|_| ())
             });
             s.close().await;
         }
-        let (again, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+        let (again, r) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
         assert_eq!(r.outbox.len(), 150);
         again.close().await;
         // Current schema: opening again is read-only.
@@ -507,7 +611,7 @@ mod crash_tests {
         c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         drop(c);
-        let err = Store::open(&path, |c| restore(c)).await.unwrap_err();
+        let err = Store::open(&gate, &path, |c| restore(c)).await.unwrap_err();
         assert!(err.0.contains("newer"), "{err}");
     }
 
@@ -520,10 +624,11 @@ mod crash_tests {
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bncr.sqlite3");
+        let gate = OpenGate::default();
         let hold = Duration::from_secs(5);
         // Open: the restore step blocks until released (at most 5 s).
         let (release, blocked) = mpsc::channel::<()>();
-        let open = Store::open(&path, move |_| {
+        let open = Store::open(&gate, &path, move |_| {
             let _ = blocked.recv_timeout(hold);
             Ok(())
         });
@@ -534,7 +639,7 @@ mod crash_tests {
         );
         let _ = release.send(());
         // Close: a queued job blocks the connection until released.
-        let (store, _) = Store::open(&path, |_| Ok(())).await.unwrap();
+        let (store, _) = Store::open(&gate, &path, |_| Ok(())).await.unwrap();
         let (release, blocked) = mpsc::channel::<()>();
         store.enqueue("block", move |_| {
             let _ = blocked.recv_timeout(hold);
@@ -549,13 +654,132 @@ mod crash_tests {
         store.close().await;
     }
 
+    /// A close waiting for the job in hand never holds the queue lock, so a
+    /// thread holding another lock the job needs (the bridge's state) can
+    /// still submit (and be refused): the three of them finish. Before,
+    /// the closer held the queue while it waited for the connection, and
+    /// the job, the submitter and the closer waited for each other forever.
+    #[test]
+    fn a_close_waiting_for_a_job_never_blocks_a_submitter() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let finished = rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bncr.sqlite3");
+            let (store, _) = Store::open(&OpenGate::default(), &path, |_| Ok(()))
+                .await
+                .unwrap();
+            let store = Arc::new(store);
+            // Stands for the bridge's state lock.
+            let outside = Arc::new(Mutex::new(()));
+            let (in_job, job_started) = mpsc::channel::<()>();
+            let (go, job_waits) = mpsc::channel::<()>();
+            let o = outside.clone();
+            store.enqueue("waits, then takes the outside lock", move |_| {
+                in_job.send(()).unwrap();
+                let _ = job_waits.recv();
+                drop(lock(&o));
+                Ok(())
+            });
+            job_started.recv_timeout(Duration::from_secs(10)).unwrap();
+            let closing = tokio::spawn({
+                let store = store.clone();
+                async move { store.close().await }
+            });
+            // Let the close reach its wait for the job in hand.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (done, submitted) = mpsc::channel::<bool>();
+            std::thread::spawn({
+                let store = store.clone();
+                move || {
+                    let _held = lock(&outside);
+                    go.send(()).unwrap();
+                    let refused = store.queue_call(|_| Ok(())).is_err();
+                    let _ = done.send(refused);
+                }
+            });
+            let all = async {
+                let refused = tokio::task::spawn_blocking(move || submitted.recv())
+                    .await
+                    .unwrap();
+                closing.await.unwrap();
+                refused
+            };
+            tokio::time::timeout(Duration::from_secs(5), all).await
+        });
+        // A deadlocked runtime cannot be dropped: leave its threads.
+        rt.shutdown_background();
+        let refused =
+            finished.expect("the job, the submitter and the close all finished (no deadlock)");
+        assert_eq!(refused, Ok(true), "a job submitted after close is refused");
+    }
+
+    /// An open waits for the previous store on the same file to run its
+    /// queued jobs and close, even when the close was begun and its caller
+    /// gave up waiting (a stop past its budget): the new store restores
+    /// what the old one's late jobs wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_waits_for_the_previous_store_on_the_file_to_close() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let gate = OpenGate::default();
+        let (old, _) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
+        let (release, held) = mpsc::channel::<()>();
+        old.enqueue("held by the test", move |_| {
+            let _ = held.recv();
+            Ok(())
+        });
+        old.enqueue("late write", |c| {
+            insert_outbox(c, "k-late", outbox_row(7)).map(|_| ())
+        });
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), old.close()).await;
+        assert!(gave_up.is_err(), "the close waits for the held job");
+        assert!(!old.is_open(), "but the store took no more work");
+        let opening = tokio::spawn({
+            let (gate, path) = (gate.clone(), path.clone());
+            async move { Store::open(&gate, &path, |c| restore(c)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!opening.is_finished(), "the open waits for the old store");
+        release.send(()).unwrap();
+        let (new, r) = tokio::time::timeout(Duration::from_secs(10), opening)
+            .await
+            .expect("the open goes on once the old store closed")
+            .unwrap()
+            .unwrap();
+        let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.as_str()).collect();
+        assert_eq!(ids, ["m7"], "the old store's late write is restored");
+        new.close().await;
+        // A store open on one file holds up no open of another.
+        let (b, _) = Store::open(&gate, &path, |_| Ok(())).await.unwrap();
+        let other = dir.path().join("other.sqlite3");
+        let a = tokio::time::timeout(
+            Duration::from_secs(4),
+            Store::open(&gate, &other, |_| Ok(())),
+        )
+        .await
+        .expect("another file's open does not wait")
+        .unwrap()
+        .0;
+        a.close().await;
+        b.close().await;
+    }
+
     /// A version-1 store (no indexes) is migrated to the current schema on
     /// open, keeping its rows.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn version_1_store_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bncr.sqlite3");
-        let (s, _) = Store::open(&path, |_| Ok(())).await.unwrap();
+        let gate = OpenGate::default();
+        let (s, _) = Store::open(&gate, &path, |_| Ok(())).await.unwrap();
         s.call(|c| insert_outbox(c, "k0", outbox_row(0)).map(|_| ()))
             .await
             .unwrap();
@@ -568,7 +792,7 @@ mod crash_tests {
         )
         .unwrap();
         drop(c);
-        let (s, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+        let (s, r) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
         assert_eq!(r.outbox.len(), 1);
         let (v, n) = s
             .call(|c| {
@@ -625,7 +849,8 @@ mod crash_tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (store, r) = Store::open(&path, |c| restore(c)).await.unwrap();
+            let gate = OpenGate::default();
+            let (store, r) = Store::open(&gate, &path, |c| restore(c)).await.unwrap();
             let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.as_str()).collect();
             assert_eq!(ids, ["m0", "m1", "m2", "m3", "m4"]);
             assert_eq!(r.inbound_pending.len(), 1);

@@ -306,17 +306,18 @@ async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_conn
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let op = operator(&host);
     wait_for(&host, "s-1 delivered", || received(&op) == ["s-1"]).await;
-    // The restart comes while the pass waits. A stop that does not wait
-    // for the pass closes the store within this time; one that waits does
-    // not, and the outcome does not depend on how long this is. (Well
-    // below the store's 5 s busy timeout.)
+    // The restart comes while s-1's journal mark waits for the lock. The
+    // store's close runs queued jobs first, so the restart cannot end
+    // within this time whatever the stop does about the pass; what this
+    // checks is that the stopping generation offers nothing more (s-2) and
+    // that s-1 is journaled. (Well below the store's 5 s busy timeout.)
     let restart = host.restart();
     tokio::pin!(restart);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut restart)
             .await
             .is_err(),
-        "the restart waits for the pass, which waits for the lock"
+        "the restart waits for the mark, which waits for the lock"
     );
     drop(db);
     restart.await.unwrap();
@@ -327,4 +328,51 @@ async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_conn
     assert_eq!(diag(&bncr).await["inboundPending"], 0);
     host.shutdown().await;
     assert_eq!(received(&op), ["s-1", "s-2"], "each once, in order");
+}
+
+/// Another process holds the database's write lock for longer than the
+/// bridge's stop budget (3 s) while a restart comes: the stop still ends
+/// within the host's stop timeout (the restart reports no failed service
+/// stop), the old store closes once its queued journal mark got the lock,
+/// and the new generation's open waits for that: the operator that received
+/// s-1 is not offered it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_the_database_is_locked_past_the_stop_budget_offers_nothing_twice() {
+    let dir = state_dir();
+    let host = start(
+        dir.path(),
+        json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000}),
+    )
+    .await;
+    let bncr = bncr_client(&host);
+    ok(&bncr, "bncr.connect", json!({})).await;
+    for id in ["t-1", "t-2"] {
+        ok(&bncr, "bncr.inbound", inbound(id)).await;
+    }
+    until_counter(&bncr, "inboundUnreceivedOffers", 1).await;
+    // Past the stop budget (3 s), within the store's busy timeout (5 s).
+    let held = Duration::from_millis(3_500);
+    let db_path = dir.path().join("bncr/bncr.sqlite3");
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let locker = std::thread::spawn(move || {
+        let db = rusqlite::Connection::open(db_path).unwrap();
+        db.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(held);
+        db.execute_batch("ROLLBACK").unwrap();
+    });
+    locked.recv().unwrap();
+    let op = operator(&host);
+    wait_for(&host, "t-1 delivered", || received(&op) == ["t-1"]).await;
+    let report = host.restart().await.expect("the restart succeeds");
+    assert!(
+        report.shutdown.services_failed.is_empty(),
+        "no service stop failed or timed out: {:?}",
+        report.shutdown
+    );
+    locker.join().unwrap();
+    wait_for(&host, "t-2 delivered", || received(&op).len() >= 2).await;
+    until_journaled_handed_on(dir.path(), &["t-1", "t-2"]).await;
+    host.shutdown().await;
+    assert_eq!(received(&op), ["t-1", "t-2"], "each once, in order");
 }
