@@ -427,8 +427,12 @@ fn a_stop_a_store_job_taking_the_state_and_a_closing_connection_all_finish() {
             let gen1 = gen1.clone();
             async move { gen1.stop().await }
         });
-        // Let the stop reach the store's close, which waits for the job.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The stop reaches the store's close (which waits for the job): the
+        // store stops taking work first.
+        until("the stop closed the store's queue", || {
+            gen1.store().is_err()
+        })
+        .await;
         let hook = std::thread::spawn({
             let gen1 = gen1.clone();
             move || {

@@ -691,8 +691,16 @@ mod crash_tests {
                 let store = store.clone();
                 async move { store.close().await }
             });
-            // Let the close reach its wait for the job in hand.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The close stops the queue on its first step, then waits for
+            // the job in hand: the submitter below comes after that.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while store.is_open() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the close began within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let (done, submitted) = mpsc::channel::<bool>();
             std::thread::spawn({
                 let store = store.clone();
