@@ -233,11 +233,16 @@ impl Store {
             );
         }
         let db = path.to_path_buf();
-        let (conn, r, read_only) = blocking(move || {
+        // The turn goes with the blocking work and comes back with its
+        // result: if this future is cancelled (the host's start timeout)
+        // while SQLite works, the turn is released only when that work
+        // ends (after the connection it opened closes).
+        let (conn, r, read_only, turn) = blocking(move || {
+            let turn = turn;
             let mut conn = open_connection(&db)?;
             let r = init(&mut conn)?;
             let read_only = conn.is_readonly(rusqlite::MAIN_DB)?;
-            Ok::<_, StoreError>((conn, r, read_only))
+            Ok::<_, StoreError>((conn, r, read_only, turn))
         })
         .await??;
         let shared = Arc::new(Shared {
@@ -778,6 +783,56 @@ mod crash_tests {
         .0;
         a.close().await;
         b.close().await;
+    }
+
+    /// An open cancelled while its restore still runs on the blocking pool
+    /// (the host's start timeout) keeps the file's turn until that work
+    /// ends: the next open restores what the cancelled one wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_open_keeps_the_file_turn_until_its_restore_ends() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let gate = OpenGate::default();
+        let (in_init, init_started) = mpsc::channel::<()>();
+        let (release, init_waits) = mpsc::channel::<()>();
+        let cancelled = tokio::spawn({
+            let (gate, path) = (gate.clone(), path.clone());
+            async move {
+                Store::open(&gate, &path, move |c| {
+                    in_init.send(()).unwrap();
+                    let _ = init_waits.recv();
+                    insert_outbox(c, "k-slow", outbox_row(3)).map(|_| ())
+                })
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || init_started.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the first open reached its restore");
+        cancelled.abort();
+        assert!(cancelled.await.unwrap_err().is_cancelled());
+        let opening = tokio::spawn({
+            let (gate, path) = (gate.clone(), path.clone());
+            async move { Store::open(&gate, &path, |c| restore(c)).await }
+        });
+        // Give an open that did not wait the chance to finish first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !opening.is_finished(),
+            "the open waits for the cancelled one"
+        );
+        release.send(()).unwrap();
+        let (new, r) = tokio::time::timeout(Duration::from_secs(10), opening)
+            .await
+            .expect("the open goes on once the cancelled restore ended")
+            .unwrap()
+            .unwrap();
+        let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.as_str()).collect();
+        assert_eq!(ids, ["m3"], "the cancelled open's write is restored");
+        new.close().await;
     }
 
     /// A version-1 store (no indexes) is migrated to the current schema on
