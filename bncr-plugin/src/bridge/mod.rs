@@ -553,11 +553,16 @@ impl Bridge {
     /// running queued jobs when the budget is spent (SQLite waiting for a
     /// lock), the stop returns and the store closes when they are done;
     /// the next generation's open waits for that ([`store::OpenGate`]).
+    ///
+    /// If the host stops waiting first (its `service_stop_timeout_ms` under
+    /// the loops' two thirds) and drops this future before the close began,
+    /// a drop guard begins it then, the same way, without waiting.
     pub(crate) async fn stop(self: &Arc<Self>) {
         let begun = tokio::time::Instant::now();
         let deadline = begun + STOP_BUDGET;
         let loops_deadline = begun + STOP_BUDGET * 2 / 3;
         self.stop.cancel();
+        let unclosed = CloseOnDrop(Some(self.clone()));
         let done = self
             .drain_done
             .lock()
@@ -579,30 +584,21 @@ impl Bridge {
                 "bncr hand-on pass still running at stop; closing the store under it (what it delivered is journaled)"
             );
         }
+        let (closing, counts) = unclosed.begin();
         let store = self.store.get().ok().flatten();
-        {
-            // Not while a pass delivers a message and queues its mark.
-            let _step = self.hand_on_step.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = store {
-                s.stop_accepting();
-            }
-        }
-        let (waiters, transfers, pending, dead) = {
-            let mut st = self.state();
-            let w = st.waiters.fail_all();
-            let t = st.transfers.len();
-            st.transfers.clear();
-            let pending: usize = st.accounts.values().map(|a| a.queue.len()).sum();
-            let dead: u64 = st.accounts.values().map(|a| a.dead).sum();
-            (w, t, pending, dead)
-        };
         // Queued writes finish before the database closes. (If the
         // generation already retired, the handle refuses; the store then
         // closes by itself once dropped.)
-        let closed = match store {
-            Some(s) => tokio::time::timeout_at(deadline, s.close()).await.is_ok(),
+        let closed = match closing {
+            Some(c) => tokio::time::timeout_at(deadline, c.wait()).await.is_ok(),
             None => true,
         };
+        let StopCounts {
+            waiters,
+            transfers,
+            pending,
+            dead,
+        } = counts;
         if closed {
             tracing::info!(
                 generation = self.life.generation(),
@@ -625,5 +621,66 @@ impl Bridge {
             );
         }
         drop(pass);
+    }
+
+    /// A stop's synchronous part: close the store's queue (between hand-on
+    /// steps), fail the waiters, drop the transfers, and begin closing the
+    /// store on the blocking pool. Takes `hand_on_step`, then `state`, one
+    /// at a time (the lock order); awaits nothing.
+    fn begin_store_close(&self) -> (Option<store::Closing>, StopCounts) {
+        let store = self.store.get().ok().flatten();
+        {
+            // Not while a pass delivers a message and queues its mark.
+            let _step = self.hand_on_step.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = store {
+                s.stop_accepting();
+            }
+        }
+        let counts = {
+            let mut st = self.state();
+            let waiters = st.waiters.fail_all();
+            let transfers = st.transfers.len();
+            st.transfers.clear();
+            StopCounts {
+                waiters,
+                transfers,
+                pending: st.accounts.values().map(|a| a.queue.len()).sum(),
+                dead: st.accounts.values().map(|a| a.dead).sum(),
+            }
+        };
+        (store.map(Store::begin_close), counts)
+    }
+}
+
+/// What a stop found, for its log line.
+struct StopCounts {
+    waiters: usize,
+    transfers: usize,
+    pending: usize,
+    dead: u64,
+}
+
+/// Held by a stop until it begins the store close; if the stop is dropped
+/// first (the host's stop timeout fired), begins the close on drop.
+struct CloseOnDrop(Option<Arc<Bridge>>);
+
+impl CloseOnDrop {
+    /// Begin the close now; the guard is spent.
+    fn begin(mut self) -> (Option<store::Closing>, StopCounts) {
+        let bridge = self.0.take().expect("a guard begins the close once");
+        bridge.begin_store_close()
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(bridge) = self.0.take() {
+            let (closing, _) = bridge.begin_store_close();
+            tracing::warn!(
+                generation = bridge.life.generation(),
+                closing = closing.is_some(),
+                "bncr stop given up by the host before the store close began; the store closes in the background, and the next open waits for that"
+            );
+        }
     }
 }

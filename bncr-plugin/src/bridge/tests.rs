@@ -2,7 +2,8 @@
 //! step: a store job the test holds (queued by the transport at the moment
 //! of a delivery) makes the pass wait between delivering a message and
 //! journaling it, exactly when the stop comes; the stop's budget against a
-//! hung drain loop and a held store; the lock order under a stop.
+//! hung drain loop and a held store, and against a host that gives up on
+//! it early; the lock order under a stop.
 
 use super::*;
 use plugin_api::host::{EventTransport, OutboundEvent, ReceiverFilter};
@@ -383,6 +384,41 @@ async fn a_stop_with_a_hung_drain_loop_and_a_held_store_ends_within_its_budget()
     gen2.stop().await;
     assert_eq!(pending, 0, "m1 was journaled by the old store's close");
     assert_eq!(ops.delivered(), [(100, "m1".to_string())]);
+}
+
+/// A host whose stop timeout is shorter than the wait for the loops gives
+/// up on the stop (drops it) before it began closing the store: the store
+/// still stops taking work at once and closes, and the next generation's
+/// open does not wait for it. What was accepted is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_the_host_gives_up_on_before_the_close_still_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bncr.sqlite3");
+    let ops = Arc::new(Operators::default());
+    let (gen1, _ctl1) = started(1, dir.path(), &ops).await;
+    let client = client(1);
+    accept(&gen1, &client, "m1").await;
+    // The drain loop never reports done (as one stuck in a file transfer).
+    let (_hung, never) = tokio::sync::oneshot::channel();
+    *gen1.drain_done.lock().unwrap() = Some(never);
+    assert!(ops.gate.is_taken(&path), "generation 1 holds the file");
+
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), gen1.stop()).await;
+    assert!(gave_up.is_err(), "the stop still waited for the drain loop");
+    // Generation 1 is not retired (its control is held): only the stop's
+    // drop guard can have closed its store.
+    assert!(gen1.store().is_err(), "the store took no more work at once");
+    until("the old store closed", || !ops.gate.is_taken(&path)).await;
+
+    let (gen2, _ctl2) =
+        tokio::time::timeout(store::PREVIOUS_CLOSE_WAIT - Duration::from_secs(1), async {
+            started(2, dir.path(), &ops).await
+        })
+        .await
+        .expect("the next open does not wait for the old store");
+    let pending = gen2.state().inbound.len();
+    gen2.stop().await;
+    assert_eq!(pending, 1, "m1, accepted, is restored");
 }
 
 /// The three-lock cycle on stop: a store job waiting for the bridge state

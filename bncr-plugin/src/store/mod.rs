@@ -85,6 +85,14 @@ pub(crate) struct OpenGate(Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>
 type FileTurn = tokio::sync::OwnedMutexGuard<()>;
 
 impl OpenGate {
+    /// Whether a store holds `path`'s turn (is open, or still closing).
+    #[cfg(test)]
+    pub(crate) fn is_taken(&self, path: &Path) -> bool {
+        lock(&self.0)
+            .get(path)
+            .is_some_and(|file| file.try_lock().is_err())
+    }
+
     /// Wait (at most `wait`) for `path`'s turn. `None`: the previous store
     /// is still closing after `wait`.
     async fn turn(&self, path: &Path, wait: std::time::Duration) -> Option<FileTurn> {
@@ -376,9 +384,34 @@ impl Store {
     /// queued jobs still run and the database still closes after it
     /// fired. When this returns the database is closed. Idempotent.
     pub(crate) async fn close(&self) {
+        self.begin_close().wait().await;
+    }
+
+    /// Stop accepting work and begin closing on the blocking pool, now:
+    /// the queued jobs run and the database closes whether or not the
+    /// returned [`Closing`] is awaited. Never blocks; needs no runtime
+    /// context (for a drop guard).
+    pub(crate) fn begin_close(&self) -> Closing {
         self.stop_accepting();
         let shared = self.shared.clone();
-        let _ = blocking(move || shared.close_now()).await;
+        Closing(
+            self.shared
+                .runtime
+                .spawn_blocking(move || shared.close_now()),
+        )
+    }
+}
+
+/// A close begun with [`Store::begin_close`].
+#[derive(Debug)]
+pub(crate) struct Closing(tokio::task::JoinHandle<()>);
+
+impl Closing {
+    /// Wait until the database is closed. Cancellable: the close goes on.
+    pub(crate) async fn wait(self) {
+        if let Err(e) = self.0.await {
+            tracing::warn!(error = %e, "bncr store close task failed");
+        }
     }
 }
 
