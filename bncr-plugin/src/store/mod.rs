@@ -17,7 +17,9 @@
 //! [`PREVIOUS_CLOSE_WAIT`]) until the previous store on the same file ran
 //! its queued jobs and closed, even if the stop that closed it returned
 //! first ([`OpenGate`]). So a new generation never restores state that an
-//! old generation's late jobs change afterwards.
+//! old generation's late jobs change afterwards. Past that wait the open
+//! goes on with a turn of its own: the newest store always holds the
+//! file's turn, so the open after it waits for it.
 //!
 //! Durability: `synchronous=FULL` in WAL mode, so a commit is fsynced
 //! before its caller hears back (`send` returns, `accepted:true`) and
@@ -93,9 +95,11 @@ impl OpenGate {
             .is_some_and(|file| file.try_lock().is_err())
     }
 
-    /// Wait (at most `wait`) for `path`'s turn. `None`: the previous store
-    /// is still closing after `wait`.
-    async fn turn(&self, path: &Path, wait: std::time::Duration) -> Option<FileTurn> {
+    /// Wait (at most `wait`) for `path`'s turn. If the previous store is
+    /// still closing after `wait`, the file gets a new turn, taken by this
+    /// open (`false`): the newest store always holds the file's turn, so
+    /// the open after it waits for it (and no longer for the old one).
+    async fn turn(&self, path: &Path, wait: std::time::Duration) -> (FileTurn, bool) {
         let file = {
             let mut files = lock(&self.0);
             // Forget files nobody holds or waits for (the map's own
@@ -103,10 +107,16 @@ impl OpenGate {
             files.retain(|_, f| Arc::strong_count(f) > 1);
             files.entry(path.to_path_buf()).or_default().clone()
         };
-        match file.clone().try_lock_owned() {
-            Ok(turn) => Some(turn),
-            Err(_) => tokio::time::timeout(wait, file.lock_owned()).await.ok(),
+        if let Ok(turn) = file.clone().try_lock_owned() {
+            return (turn, true);
         }
+        if let Ok(turn) = tokio::time::timeout(wait, file.lock_owned()).await {
+            return (turn, true);
+        }
+        let fresh = Arc::new(tokio::sync::Mutex::new(()));
+        let turn = fresh.clone().try_lock_owned().expect("a new lock is free");
+        lock(&self.0).insert(path.to_path_buf(), fresh);
+        (turn, false)
     }
 }
 
@@ -232,11 +242,25 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let turn = gate.turn(path, PREVIOUS_CLOSE_WAIT).await;
-        if turn.is_none() {
+        Self::open_waiting(gate, path, PREVIOUS_CLOSE_WAIT, init).await
+    }
+
+    /// [`Store::open`], waiting at most `wait` for the previous store.
+    async fn open_waiting<R, F>(
+        gate: &OpenGate,
+        path: &Path,
+        wait: std::time::Duration,
+        init: F,
+    ) -> Result<(Store, R), StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (turn, in_turn) = gate.turn(path, wait).await;
+        if !in_turn {
             tracing::warn!(
                 path = %path.display(),
-                wait_ms = PREVIOUS_CLOSE_WAIT.as_millis() as u64,
+                wait_ms = wait.as_millis() as u64,
                 "bncr store: the previous generation's store is still finishing its writes; opening anyway"
             );
         }
@@ -258,7 +282,7 @@ impl Store {
             ready: Condvar::new(),
             idle: Condvar::new(),
             conn: Mutex::new(Some(conn)),
-            turn: Mutex::new(turn),
+            turn: Mutex::new(Some(turn)),
             runtime: tokio::runtime::Handle::current(),
             read_only,
             fault: Mutex::new(None),
@@ -866,6 +890,52 @@ mod crash_tests {
         let ids: Vec<_> = r.outbox.iter().map(|o| o.message_id.as_str()).collect();
         assert_eq!(ids, ["m3"], "the cancelled open's write is restored");
         new.close().await;
+    }
+
+    /// An open that stopped waiting for a previous store still closing
+    /// holds the file's turn itself: the open after it waits for it, not
+    /// for the old store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_past_its_wait_holds_the_file_turn_for_the_next_open() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bncr.sqlite3");
+        let gate = OpenGate::default();
+        let (old, _) = Store::open(&gate, &path, |_| Ok(())).await.unwrap();
+        let (release, held) = mpsc::channel::<()>();
+        old.enqueue("held by the test", move |_| {
+            let _ = held.recv();
+            Ok(())
+        });
+        let old_closing = old.begin_close();
+        let (newest, _) = Store::open_waiting(&gate, &path, Duration::from_millis(100), |_| Ok(()))
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+        old_closing.wait().await;
+        assert!(
+            gate.is_taken(&path),
+            "the newest store holds the file after the old one closed"
+        );
+        let opening = tokio::spawn({
+            let (gate, path) = (gate.clone(), path.clone());
+            async move { Store::open(&gate, &path, |_| Ok(())).await }
+        });
+        // Give an open that did not wait the chance to finish first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !opening.is_finished(),
+            "the next open waits for the newest store"
+        );
+        newest.close().await;
+        let (next, _) = tokio::time::timeout(Duration::from_secs(4), opening)
+            .await
+            .expect("the next open goes on once the newest store closed")
+            .unwrap()
+            .unwrap();
+        next.close().await;
+        assert!(!gate.is_taken(&path), "no turn is left once all closed");
     }
 
     /// A version-1 store (no indexes) is migrated to the current schema on
