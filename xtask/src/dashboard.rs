@@ -480,11 +480,40 @@ pub(crate) struct CostConfig {
     pub(crate) rounds: usize,
 }
 
+/// What `dashboard-cost` found.
+#[derive(Debug)]
+pub(crate) struct Cost {
+    /// `health` req/s summed over the rounds without a dashboard.
+    pub(crate) without: f64,
+    /// The same with a dashboard polling.
+    pub(crate) with: f64,
+    /// Gateway CPU per second of wall time with a dashboard polling and no
+    /// other load, above the same without it (idle).
+    pub(crate) dashboard_cpu_per_s: Duration,
+    /// Gateway CPU per `health` request under the load.
+    pub(crate) cpu_per_request: Duration,
+    /// `health` requests per second the gateway answered under the load.
+    pub(crate) load_rps: f64,
+}
+
+impl Cost {
+    /// The dashboard's CPU as a share of what the gateway spends at the
+    /// measured load: how many `health` requests its CPU would have
+    /// answered, over the requests answered per second.
+    pub(crate) fn cpu_share(&self) -> f64 {
+        let per_req = self.cpu_per_request.as_secs_f64().max(1e-12);
+        self.dashboard_cpu_per_s.as_secs_f64() / per_req / self.load_rps.max(1e-9)
+    }
+}
+
 /// `health` throughput with and without a dashboard polling the gateway
 /// the way app.js does (status, health, system-presence, bncr.diagnostics,
 /// logs.tail and GET /metrics every 2 s), alternating in one run on release
-/// builds. Returns (without, with) req/s summed over the rounds.
-pub(crate) async fn cost(config: &CostConfig) -> Result<(f64, f64)> {
+/// builds; then the gateway's CPU time with the dashboard alone against
+/// idle, and per `health` request under the load. Throughput on a shared
+/// machine swings by more than the dashboard costs; CPU time counts only
+/// the gateway's own work.
+pub(crate) async fn cost(config: &CostConfig) -> Result<Cost> {
     let xtask = build_binary("xtask", true)?;
     let proxy_bin = build_binary("ws-proxy", true)?;
     let gateway = Gateway::start_with(&proxy_bin, &[]).await?;
@@ -515,8 +544,51 @@ pub(crate) async fn cost(config: &CostConfig) -> Result<(f64, f64)> {
         "a load run saw errors"
     );
     let sum = |v: &[Sample]| v.iter().map(|s| s.rps).sum::<f64>();
-    Ok((sum(&without), sum(&with)))
+    // CPU: idle, then a dashboard alone, for the same window; then one more
+    // load round.
+    let window = CPU_WINDOW;
+    let t0 = gateway.cpu_time()?;
+    tokio::time::sleep(window).await;
+    let idle = gateway.cpu_time()? - t0;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let poller = tokio::spawn(poll_like_the_dashboard(
+        gateway.url(),
+        gateway.port(),
+        gateway.credentials(),
+        stop.clone(),
+    ));
+    let t0 = gateway.cpu_time()?;
+    tokio::time::sleep(window).await;
+    let polled = gateway.cpu_time()? - t0;
+    stop.notify_one();
+    let polls = poller.await??;
+    let t0 = gateway.cpu_time()?;
+    let load = load_blocking(&xtask, &gateway, &token, config).await?;
+    let loaded = gateway.cpu_time()? - t0;
+    ensure!(load.errors == 0, "the CPU load run saw errors");
+    let requests = load.rps * config.duration.as_secs_f64();
+    let secs = window.as_secs_f64();
+    let cost = Cost {
+        without: sum(&without),
+        with: sum(&with),
+        dashboard_cpu_per_s: polled.saturating_sub(idle).div_f64(secs),
+        cpu_per_request: loaded.div_f64(requests.max(1.0)),
+        load_rps: load.rps,
+    };
+    println!(
+        "cpu: idle {:.2} ms/s, dashboard alone ({polls} polls) {:.2} ms/s, under load {:.0} ms/s for {:.0} req/s ({:.2} us per request)",
+        idle.as_secs_f64() * 1e3 / secs,
+        polled.as_secs_f64() * 1e3 / secs,
+        loaded.as_secs_f64() * 1e3 / config.duration.as_secs_f64(),
+        load.rps,
+        cost.cpu_per_request.as_secs_f64() * 1e6
+    );
+    Ok(cost)
 }
+
+/// How long the CPU of the idle gateway, and of the gateway serving a
+/// dashboard alone, is measured.
+const CPU_WINDOW: Duration = Duration::from_secs(20);
 
 async fn load_blocking(
     xtask: &Path,

@@ -411,7 +411,8 @@ fn run(command: Command) -> Result<ExitCode> {
                 duration: args.duration,
                 rounds: args.rounds.max(1),
             };
-            let (without, with) = runtime()?.block_on(dashboard::cost(&config))?;
+            let cost = runtime()?.block_on(dashboard::cost(&config))?;
+            let (with, without) = (cost.with, cost.without);
             println!(
                 "health {}x{}: with a dashboard open {:.4} of without ({:+.2}%), {} rounds of {:?}",
                 config.conns,
@@ -420,6 +421,12 @@ fn run(command: Command) -> Result<ExitCode> {
                 (with / without.max(1e-9) - 1.0) * 100.0,
                 config.rounds,
                 config.duration
+            );
+            println!(
+                "dashboard CPU: {:.3} ms per second = {:.3}% of the gateway's work at {:.0} req/s",
+                cost.dashboard_cpu_per_s.as_secs_f64() * 1e3,
+                cost.cpu_share() * 100.0,
+                cost.load_rps
             );
             Ok(ExitCode::SUCCESS)
         }

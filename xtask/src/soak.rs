@@ -487,6 +487,25 @@ impl Gateway {
         ))
     }
 
+    /// CPU time the child's threads have run so far (the sum of each
+    /// thread's `schedstat` run time, nanosecond resolution).
+    pub(crate) fn cpu_time(&self) -> Result<Duration> {
+        let mut total = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
+            // A thread may end between the listing and the read.
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue;
+            };
+            let ns: u64 = stat
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.parse().ok())
+                .context("schedstat's first field")?;
+            total += ns;
+        }
+        Ok(Duration::from_nanos(total))
+    }
+
     /// VmRSS of the child in KiB.
     pub(crate) fn rss_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
