@@ -38,6 +38,7 @@ impl GatewayConfig {
     /// error naming the field and runs nothing under it.
     pub fn check(&self) -> Result<(), ConfigError> {
         let origin = self.origin.as_ref();
+        self.restart.check(origin)?;
         self.requests.check(origin)?;
         self.plugins.check(origin)
     }
@@ -187,6 +188,28 @@ impl Default for RestartConfig {
 }
 
 impl RestartConfig {
+    /// A service's start and stop need time: zero would fail every start
+    /// and abandon every stop. (A zero drain, cancelling in-flight requests
+    /// at once, and a zero start wait, answering requests to a starting
+    /// plugin at once, are allowed.)
+    fn check(&self, origin: Option<&ConfigOrigin>) -> Result<(), ConfigError> {
+        for (field, ms) in [
+            (
+                "restart.service_start_timeout_ms",
+                self.service_start_timeout_ms,
+            ),
+            (
+                "restart.service_stop_timeout_ms",
+                self.service_stop_timeout_ms,
+            ),
+        ] {
+            if ms == 0 {
+                return Err(ConfigError::at_field(origin, field, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
     /// Drain deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
@@ -605,6 +628,16 @@ timeout_ms = 2500
             .check()
             .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("plugins.call_timeout_ms"));
+        for field in ["service_start_timeout_ms", "service_stop_timeout_ms"] {
+            let err = load(&format!("[restart]\n{field} = 0\n"))
+                .check()
+                .unwrap_err();
+            assert_eq!(err.field, Some(format!("restart.{field}")));
+            assert_eq!(err.line, Some(2));
+        }
+        let zero_drain =
+            "[restart]\ndrain_timeout_ms = 0\nstart_wait_ms = 0\nservice_stop_timeout_ms = 1\n";
+        assert_eq!(load(zero_drain).check(), Ok(()));
     }
 
     #[test]
