@@ -197,16 +197,6 @@ impl EventTransport for TestTransport {
         self.broadcast_where(required_scope, &|_, _| true, event)
     }
 
-    fn broadcast_except(
-        &self,
-        required_scope: &str,
-        except: &[ConnId],
-        event: &OutboundEvent,
-    ) -> usize {
-        let filter = |info: &ConnectionInfo, _| !except.contains(&info.conn_id);
-        self.broadcast_where(required_scope, &filter, event)
-    }
-
     fn broadcast_where(
         &self,
         required_scope: &str,

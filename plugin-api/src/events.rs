@@ -44,8 +44,10 @@ pub trait EventTransport: Send + Sync + 'static {
 
     /// [`EventTransport::broadcast`], leaving out the connections in
     /// `except`. Returns how many connections it was queued for. The default
-    /// cannot tell connections apart: it sends to none when `except` is not
-    /// empty, so a count it returns is never an overstatement.
+    /// is [`EventTransport::broadcast_where`] with a filter leaving `except`
+    /// out (so a transport that cannot ask a filter sends to none, and a
+    /// count it returns is never an overstatement), or plain `broadcast`
+    /// when `except` is empty.
     fn broadcast_except(
         &self,
         required_scope: &str,
@@ -53,10 +55,10 @@ pub trait EventTransport: Send + Sync + 'static {
         event: &OutboundEvent,
     ) -> usize {
         if except.is_empty() {
-            self.broadcast(required_scope, event)
-        } else {
-            0
+            return self.broadcast(required_scope, event);
         }
+        let filter = |info: &ConnectionInfo, _: Duration| !except.contains(&info.conn_id);
+        self.broadcast_where(required_scope, &filter, event)
     }
 
     /// [`EventTransport::broadcast`] to the operators holding
@@ -372,6 +374,59 @@ mod tests {
         // A transport that cannot exclude sends to nobody and says so.
         assert_eq!(b(&[ConnId(3)]), 0);
         assert_eq!(rec.0.lock().unwrap().len(), 1);
+    }
+
+    /// Three operator connections; asks filters, and implements nothing
+    /// else but `broadcast` (through its filter).
+    #[derive(Default)]
+    struct Filtering(Mutex<Vec<u64>>);
+    impl EventTransport for Filtering {
+        fn send_to(&self, _conn: ConnId, _ev: &OutboundEvent) -> bool {
+            false
+        }
+        fn broadcast(&self, s: &str, ev: &OutboundEvent) -> usize {
+            self.broadcast_where(s, &|_, _| true, ev)
+        }
+        fn broadcast_where(
+            &self,
+            _s: &str,
+            filter: ReceiverFilter<'_>,
+            _ev: &OutboundEvent,
+        ) -> usize {
+            let mut reached = self.0.lock().unwrap();
+            let mut n = 0;
+            for id in [1, 2, 3] {
+                let info = ConnectionInfo {
+                    conn_id: ConnId(id),
+                    role: crate::Role::Operator,
+                    scopes: crate::Scopes::new([crate::scope::WRITE]),
+                    client: crate::ClientInfo::default(),
+                };
+                if filter(&info, Duration::ZERO) {
+                    reached.push(id);
+                    n += 1;
+                }
+            }
+            n
+        }
+    }
+
+    #[test]
+    fn default_broadcast_except_asks_broadcast_where_when_the_transport_can() {
+        let (life, _ctl) = ScopeLife::new(1);
+        let t = Arc::new(Filtering::default());
+        let (sink, declarer) = crate::host::event_sink("demo", life, t.clone());
+        declarer.declare(["plugin.demo.ping".to_string()]);
+        let b = |except: &[ConnId]| {
+            let n = sink
+                .broadcast_except("operator.write", except, "plugin.demo.ping", &1)
+                .unwrap();
+            (n, std::mem::take(&mut *t.0.lock().unwrap()))
+        };
+        assert_eq!(b(&[]), (3, vec![1, 2, 3]));
+        assert_eq!(b(&[ConnId(2)]), (2, vec![1, 3]));
+        assert_eq!(b(&[ConnId(4)]), (3, vec![1, 2, 3]));
+        assert_eq!(b(&[ConnId(1), ConnId(2), ConnId(3)]), (0, vec![]));
     }
 
     #[test]

@@ -46,16 +46,6 @@ impl EventTransport for Operators {
         self.broadcast_where(required_scope, &|_, _| true, event)
     }
 
-    fn broadcast_except(
-        &self,
-        required_scope: &str,
-        except: &[ConnId],
-        event: &OutboundEvent,
-    ) -> usize {
-        let filter = |i: &ConnectionInfo, _| !except.contains(&i.conn_id);
-        self.broadcast_where(required_scope, &filter, event)
-    }
-
     fn broadcast_where(
         &self,
         required_scope: &str,

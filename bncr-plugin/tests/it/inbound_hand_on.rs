@@ -13,7 +13,7 @@ use crate::common::{
     WAIT, bncr_client, bncr_client_opening, diag, journaled_handed_on, ok, operator, payloads,
     start, state_dir, until_counter, until_journaled_handed_on, wait_for,
 };
-use gateway_core::testing::TestClient;
+use gateway_core::testing::{TestClient, TestHost};
 use plugin_api::scope;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -284,11 +284,11 @@ async fn the_echo_responder_counts_as_a_receiver() {
     host.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_connection() {
+/// A host with no grace and no timed retries, so only an operator's
+/// arrival starts a hand-on pass, and a Bncr client whose messages `ids`
+/// are pending (offered once, to nobody).
+async fn pending_until_an_operator(ids: &[&str]) -> (tempfile::TempDir, TestHost, TestClient) {
     let dir = state_dir();
-    // No grace, and no timed retries: only the operator's arrival starts
-    // the pass below.
     let host = start(
         dir.path(),
         json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000}),
@@ -296,10 +296,16 @@ async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_conn
     .await;
     let bncr = bncr_client(&host);
     ok(&bncr, "bncr.connect", json!({})).await;
-    for id in ["s-1", "s-2"] {
+    for id in ids {
         ok(&bncr, "bncr.inbound", inbound(id)).await;
     }
     until_counter(&bncr, "inboundUnreceivedOffers", 1).await;
+    (dir, host, bncr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_connection() {
+    let (dir, host, bncr) = pending_until_an_operator(&["s-1", "s-2"]).await;
     // Another process holds the database's write lock: the pass delivers
     // s-1, then waits for its journal write.
     let db = rusqlite::Connection::open(dir.path().join("bncr/bncr.sqlite3")).unwrap();
@@ -338,18 +344,7 @@ async fn a_restart_during_a_hand_on_pass_does_not_deliver_twice_to_the_same_conn
 /// s-1 is not offered it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_the_database_is_locked_past_the_stop_budget_offers_nothing_twice() {
-    let dir = state_dir();
-    let host = start(
-        dir.path(),
-        json!({"inboundGraceMs": 0, "inboundRetryMs": 600_000}),
-    )
-    .await;
-    let bncr = bncr_client(&host);
-    ok(&bncr, "bncr.connect", json!({})).await;
-    for id in ["t-1", "t-2"] {
-        ok(&bncr, "bncr.inbound", inbound(id)).await;
-    }
-    until_counter(&bncr, "inboundUnreceivedOffers", 1).await;
+    let (dir, host, _bncr) = pending_until_an_operator(&["t-1", "t-2"]).await;
     // Past the stop budget (3 s), within the store's busy timeout (5 s).
     let held = Duration::from_millis(3_500);
     let db_path = dir.path().join("bncr/bncr.sqlite3");
