@@ -521,13 +521,7 @@ pub(crate) async fn cost(config: &CostConfig) -> Result<Cost> {
     let (mut without, mut with) = (Vec::<Sample>::new(), Vec::<Sample>::new());
     for round in 0..config.rounds {
         without.push(load_blocking(&xtask, &gateway, &token, config).await?);
-        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-        let poller = tokio::spawn(poll_like_the_dashboard(
-            gateway.url(),
-            gateway.port(),
-            gateway.credentials(),
-            stop.clone(),
-        ));
+        let (stop, poller) = open_dashboard(&gateway);
         let sample = load_blocking(&xtask, &gateway, &token, config).await;
         stop.notify_one();
         let polls = poller.await??;
@@ -550,13 +544,7 @@ pub(crate) async fn cost(config: &CostConfig) -> Result<Cost> {
     let t0 = gateway.cpu_time()?;
     tokio::time::sleep(window).await;
     let idle = gateway.cpu_time()? - t0;
-    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-    let poller = tokio::spawn(poll_like_the_dashboard(
-        gateway.url(),
-        gateway.port(),
-        gateway.credentials(),
-        stop.clone(),
-    ));
+    let (stop, poller) = open_dashboard(&gateway);
     let t0 = gateway.cpu_time()?;
     tokio::time::sleep(window).await;
     let polled = gateway.cpu_time()? - t0;
@@ -606,6 +594,24 @@ async fn load_blocking(
         load(&xtask, &url, &token, c2.conns, c2.inflight, c2.duration)
     })
     .await?
+}
+
+/// A dashboard polling `gateway` until the returned notify is notified;
+/// the task answers how many polls it made.
+fn open_dashboard(
+    gateway: &Gateway,
+) -> (
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<Result<u64>>,
+) {
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let poller = tokio::spawn(poll_like_the_dashboard(
+        gateway.url(),
+        gateway.port(),
+        gateway.credentials(),
+        stop.clone(),
+    ));
+    (stop, poller)
 }
 
 /// One dashboard's traffic: the calls app.js makes every poll.
